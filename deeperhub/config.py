@@ -1,0 +1,372 @@
+"""Settings: defaults, `etc/deeperhub.toml`, then environment variables.
+
+Every setting is declared once in `SETTINGS`, with its TOML key, its environment
+variable (if any), its type, its allowed range and its help text. The loader,
+the validation messages and the configuration reference in the docs all come
+from that table, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "PROJECT_ROOT",
+    "SETTINGS",
+    "Setting",
+    "Settings",
+    "load_settings",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MIN_PROD_KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: where it is read from and what it may be."""
+
+    key: str  # "section.name" in etc/deeperhub.toml
+    kind: type  # int, float, str or bool
+    default: Any
+    help: str
+    env: str | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] | None = None
+    secret: bool = False
+
+    def describe_allowed(self) -> str:
+        """Return what values are allowed, for error messages and docs."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is bool:
+            return "true or false"
+        if self.kind in (int, float):
+            noun = "an integer" if self.kind is int else "a number"
+            if self.minimum is not None and self.maximum is not None:
+                return f"{noun} from {self.minimum:g} to {self.maximum:g}"
+            if self.minimum is not None:
+                return f"{noun} of at least {self.minimum:g}"
+            return noun
+        return "a string"
+
+
+def _s(key: str, kind: type, default: Any, help: str, **extra: Any) -> Setting:
+    return Setting(key=key, kind=kind, default=default, help=help, **extra)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    _s("server.env", str, "dev", "Deployment mode; `prod` makes a strong key mandatory.",
+       env="DEEPERHUB_ENV", choices=("dev", "prod")),
+    _s("server.var_dir", str, "var", "Folder for the database, logs, sockets and pidfile "
+       "(relative paths are resolved from the install root).", env="DEEPERHUB_VAR_DIR"),
+    _s("server.host", str, "127.0.0.1", "Address the HTTP and WebSocket port binds to.",
+       env="DEEPERHUB_HOST"),
+    _s("server.port", int, 8080, "TCP port for HTTP and WebSocket.", env="PORT",
+       minimum=0, maximum=65535),
+    _s("server.max_connections", int, 10000, "Maximum open WebSocket connections; "
+       "further upgrades get HTTP 503.", env="MAX_CONNECTIONS", minimum=1,
+       maximum=1_000_000),
+    _s("server.max_request_body", int, 1_048_576, "Maximum HTTP request body in bytes.",
+       minimum=1024, maximum=64 * 1_048_576),
+    _s("server.max_header_bytes", int, 16384, "Maximum size of an HTTP request head "
+       "in bytes.", minimum=1024, maximum=1_048_576),
+    _s("database.path", str, "", "SQLite database file; empty means "
+       "`<var_dir>/db/deeper_hub.db`.", env="DEEPER_HUB_DB_PATH"),
+    _s("database.pool_size", int, 10, "Read-only SQLite connections per acceptor "
+       "process.", env="DEEPER_HUB_DB_POOL_SIZE", minimum=1, maximum=100),
+    _s("database.synchronous", str, "full", "SQLite `synchronous` pragma for the DB "
+       "writer: `full` survives power loss, `normal` is faster but can lose the last "
+       "commits on power loss.", choices=("full", "normal")),
+    _s("database.busy_timeout_ms", int, 5000, "SQLite busy timeout in milliseconds.",
+       minimum=0, maximum=600_000),
+    _s("database.max_batch", int, 256, "Maximum writes committed in one transaction "
+       "(group commit).", minimum=1, maximum=100_000),
+    _s("logging.level", str, "info", "Log level.", env="DEEPER_HUB_LOG_LEVEL",
+       choices=LOG_LEVELS),
+    _s("auth.secret_key", str, "", "HMAC key for JWTs. Empty in dev: a key is "
+       "generated once into `<var_dir>/secret_key`.", env="GUARDIAN_SECRET_KEY",
+       secret=True),
+    _s("auth.issuer", str, "deeperhub", "JWT `iss` claim."),
+    _s("auth.audience", str, "deeperhub", "JWT `aud` claim."),
+    _s("auth.access_ttl", int, 3600, "Access token lifetime in seconds.",
+       minimum=10, maximum=86400 * 7),
+    _s("auth.refresh_ttl", int, 2_592_000, "Refresh token lifetime in seconds.",
+       minimum=60, maximum=86400 * 365),
+    _s("auth.leeway", int, 30, "Allowed clock skew in seconds when checking `exp`, "
+       "`nbf` and `iat`.", minimum=0, maximum=300),
+    _s("auth.password_min", int, 8, "Minimum password length in characters.",
+       minimum=1, maximum=1024),
+    _s("auth.password_max", int, 1024, "Maximum password length in characters.",
+       minimum=8, maximum=65536),
+    _s("websocket.heartbeat_timeout", float, 60.0, "Seconds without any frame from a "
+       "client before its connection is closed.", minimum=1, maximum=3600),
+    _s("websocket.max_frame_size", int, 2_097_152, "Maximum WebSocket frame or "
+       "message payload in bytes; larger gets close code 1009.", minimum=1024,
+       maximum=64 * 1_048_576),
+    _s("websocket.max_body_bytes", int, 16384, "Maximum `body` of a chat message in "
+       "bytes (UTF-8).", minimum=1, maximum=1_048_576),
+    _s("websocket.max_joins", int, 50, "Maximum topics joined per connection.",
+       minimum=1, maximum=10000),
+    _s("websocket.send_queue_bytes", int, 1_048_576, "Outgoing bytes buffered per "
+       "connection before a client that does not read is disconnected.",
+       minimum=4096, maximum=256 * 1_048_576),
+    _s("websocket.replay_limit", int, 1000, "Maximum stored messages replayed on a "
+       "join with `last_seen_id`.", minimum=0, maximum=100_000),
+    _s("security.rate_limit_api", int, 60, "HTTP API requests per minute per IP.",
+       env="DEEPER_HUB_SECURITY_RATE_LIMIT_API", minimum=1, maximum=1_000_000),
+    _s("security.rate_limit_ws", int, 120, "WebSocket messages per minute per user.",
+       env="DEEPER_HUB_SECURITY_RATE_LIMIT_WS", minimum=1, maximum=1_000_000),
+    _s("security_alerts.webhook_url", str, "", "URL that receives security alerts as "
+       "signed JSON; empty disables the webhook.",
+       env="DEEPER_HUB_SECURITY_ALERT_WEBHOOK"),
+    _s("supervisor.intensity", int, 3, "Restarts allowed within `period` before the "
+       "supervisor gives up.", minimum=0, maximum=1000),
+    _s("supervisor.period", float, 5.0, "Window in seconds for `intensity`.",
+       minimum=0.1, maximum=3600),
+    _s("supervisor.start_timeout", float, 30.0, "Seconds a worker may take to report "
+       "ready.", minimum=1, maximum=600),
+    _s("supervisor.shutdown_timeout", float, 10.0, "Seconds a worker gets after "
+       "SIGTERM before SIGKILL.", minimum=0.1, maximum=600),
+    _s("supervisor.liveness_interval", float, 2.0, "Seconds between liveness pings to "
+       "each worker.", minimum=0.1, maximum=600),
+    _s("supervisor.liveness_timeout", float, 10.0, "Seconds without a pong before a "
+       "worker is killed and restarted.", minimum=0.5, maximum=3600),
+)
+
+_BY_KEY = {setting.key: setting for setting in SETTINGS}
+
+# Sections whose extra keys are validated by the worker that owns them.
+_OPEN_SECTIONS = frozenset({"anomaly_detection", "ip_reputation", "security_alerts"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings, looked up by `section.name` key."""
+
+    values: Mapping[str, Any]
+    config_file: Path | None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def var_dir(self) -> Path:
+        return Path(self.values["server.var_dir"])
+
+    @property
+    def run_dir(self) -> Path:
+        return self.var_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.var_dir / "log"
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.values["database.path"])
+
+    @property
+    def secret_key(self) -> str:
+        return str(self.values["auth.secret_key"])
+
+    def socket_path(self, name: str) -> Path:
+        """Return the Unix socket path of a worker or service called `name`."""
+        return self.run_dir / f"{name}.sock"
+
+    def to_env(self) -> dict[str, str]:
+        """Return environment variables that reproduce these settings in a child."""
+        env = {"DEEPERHUB_CONFIG_FILE": str(self.config_file or "")}
+        for setting in SETTINGS:
+            if setting.env:
+                env[setting.env] = _format(self.values[setting.key])
+        return env
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _coerce(setting: Setting, raw: Any, source: str) -> Any:
+    """Convert `raw` to the setting's type and check its range, or raise ConfigError."""
+    shown = "<hidden>" if setting.secret else repr(raw)
+
+    def invalid() -> ConfigError:
+        where = f"{setting.env} ({setting.key})" if setting.env else setting.key
+        return ConfigError(
+            f"invalid value {shown} for {where} from {source}: "
+            f"expected {setting.describe_allowed()}"
+        )
+
+    value: Any
+    if setting.kind is bool:
+        if isinstance(raw, bool):
+            value = raw
+        elif isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+            value = raw.lower() in ("true", "1", "yes")
+        else:
+            raise invalid()
+    elif setting.kind is int:
+        if isinstance(raw, bool):
+            raise invalid()
+        try:
+            value = int(raw) if isinstance(raw, int) else int(str(raw).strip(), 10)
+        except ValueError:
+            raise invalid() from None
+    elif setting.kind is float:
+        if isinstance(raw, bool):
+            raise invalid()
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise invalid() from None
+        if value != value:  # NaN
+            raise invalid()
+    else:
+        if not isinstance(raw, str):
+            raise invalid()
+        value = raw.strip()
+        if setting.key == "logging.level":
+            value = {"warn": "warning"}.get(value.lower(), value.lower())
+
+    if setting.minimum is not None and value < setting.minimum:
+        raise invalid()
+    if setting.maximum is not None and value > setting.maximum:
+        raise invalid()
+    if setting.choices is not None and value not in setting.choices:
+        raise invalid()
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML in {path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+
+    flat: dict[str, Any] = {}
+    for section, table in document.items():
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"invalid entry {section!r} in {path}: settings belong in [sections]"
+            )
+        for name, value in table.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def _resolve_path(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+    *,
+    create_dev_key: bool = True,
+) -> Settings:
+    """Load and validate settings.
+
+    Order of precedence: environment variable, then the TOML file, then the
+    default. The TOML file is `config_file`, else `$DEEPERHUB_CONFIG_FILE`, else
+    `etc/deeperhub.toml` under the install root when it exists. Unknown keys in the
+    file are rejected so that a typo does not silently keep a default.
+    """
+    env = os.environ if environ is None else environ
+    if config_file is None and env.get("DEEPERHUB_CONFIG_FILE"):
+        config_file = Path(env["DEEPERHUB_CONFIG_FILE"])
+    if config_file is None:
+        candidate = PROJECT_ROOT / "etc" / "deeperhub.toml"
+        config_file = candidate if candidate.exists() else None
+
+    from_file = _read_toml(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    for key, raw in from_file.items():
+        setting = _BY_KEY.get(key)
+        if setting is None:
+            # Sections owned by later features are accepted as they are.
+            if key.split(".", 1)[0] in _OPEN_SECTIONS:
+                values[key] = raw
+                continue
+            raise ConfigError(f"unknown setting {key!r} in {config_file}")
+        values[key] = _coerce(setting, raw, str(config_file))
+
+    for setting in SETTINGS:
+        if setting.env and env.get(setting.env, "") != "":
+            values[setting.key] = _coerce(
+                setting, env[setting.env], f"environment variable {setting.env}"
+            )
+        elif setting.key not in values:
+            values[setting.key] = setting.default
+
+    var_dir = _resolve_path(values["server.var_dir"], PROJECT_ROOT).resolve()
+    values["server.var_dir"] = str(var_dir)
+    db_path = values["database.path"] or str(var_dir / "db" / "deeper_hub.db")
+    values["database.path"] = str(_resolve_path(db_path, Path.cwd()).resolve())
+
+    if values["auth.password_min"] > values["auth.password_max"]:
+        raise ConfigError(
+            f"invalid auth.password_min {values['auth.password_min']}: must not exceed "
+            f"auth.password_max {values['auth.password_max']}"
+        )
+
+    values["auth.secret_key"] = _resolve_secret(
+        values["auth.secret_key"], values["server.env"], var_dir, create_dev_key
+    )
+    return Settings(values=values, config_file=config_file)
+
+
+def _resolve_secret(key: str, env_name: str, var_dir: Path, create: bool) -> str:
+    """Return the signing key, generating a development key when none is set."""
+    if env_name == "prod":
+        if not key:
+            raise ConfigError(
+                "missing GUARDIAN_SECRET_KEY: DEEPERHUB_ENV=prod requires a key of at "
+                f"least {MIN_PROD_KEY_BYTES} bytes (generate one with "
+                "`bin/deeperhub gen-secret`)"
+            )
+        if len(key.encode()) < MIN_PROD_KEY_BYTES:
+            raise ConfigError(
+                f"invalid GUARDIAN_SECRET_KEY: {len(key.encode())} bytes, "
+                f"DEEPERHUB_ENV=prod requires at least {MIN_PROD_KEY_BYTES} bytes"
+            )
+        return key
+    if key:
+        return key
+
+    key_file = var_dir / "secret_key"
+    if key_file.exists():
+        return key_file.read_text().strip()
+    if not create:
+        raise ConfigError(f"missing GUARDIAN_SECRET_KEY and no key file at {key_file}")
+
+    import logging
+
+    var_dir.mkdir(parents=True, exist_ok=True)
+    generated = secrets.token_urlsafe(48)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(generated + "\n")
+    logging.getLogger("deeperhub.config").warning(
+        "GUARDIAN_SECRET_KEY is not set: generated a development key in %s; "
+        "set GUARDIAN_SECRET_KEY in production",
+        key_file,
+    )
+    return generated

@@ -1,0 +1,32 @@
+"""Objects shared by the tasks of one acceptor process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deeperhub.auth.passwords import PasswordService
+    from deeperhub.auth.tokens import TokenService
+    from deeperhub.config import Settings
+    from deeperhub.ipc import RpcClient
+    from deeperhub.storage.reads import ReadPool
+
+    from .hub import Hub
+
+__all__ = ["Services"]
+
+
+@dataclass
+class Services:
+    """Shared state of an acceptor: settings, clients of other workers, the hub."""
+
+    settings: Settings
+    db: RpcClient  # requests to the DB writer (db.sock)
+    reads: ReadPool  # read-only SQLite connections
+    tokens: TokenService
+    passwords: PasswordService
+    hub: Hub
+    worker_id: str = "acceptor"
+    # Requests to the supervisor (status for /health); None in unit tests.
+    supervisor: RpcClient | None = None
