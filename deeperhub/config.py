@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import secrets
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = [
     "PROJECT_ROOT",
@@ -55,11 +57,15 @@ class Setting:
         if self.kind in (int, float):
             noun = "an integer" if self.kind is int else "a number"
             if self.minimum is not None and self.maximum is not None:
-                return f"{noun} from {self.minimum:g} to {self.maximum:g}"
+                return f"{noun} from {_number(self.minimum)} to {_number(self.maximum)}"
             if self.minimum is not None:
-                return f"{noun} of at least {self.minimum:g}"
+                return f"{noun} of at least {_number(self.minimum)}"
             return noun
         return "a string"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _s(key: str, kind: type, default: Any, help: str, **extra: Any) -> Setting:
@@ -67,82 +73,286 @@ def _s(key: str, kind: type, default: Any, help: str, **extra: Any) -> Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    _s("server.env", str, "dev", "Deployment mode; `prod` makes a strong key mandatory.",
-       env="DEEPERHUB_ENV", choices=("dev", "prod")),
-    _s("server.var_dir", str, "var", "Folder for the database, logs, sockets and pidfile "
-       "(relative paths are resolved from the install root).", env="DEEPERHUB_VAR_DIR"),
-    _s("server.host", str, "127.0.0.1", "Address the HTTP and WebSocket port binds to.",
-       env="DEEPERHUB_HOST"),
-    _s("server.port", int, 8080, "TCP port for HTTP and WebSocket.", env="PORT",
-       minimum=0, maximum=65535),
-    _s("server.max_connections", int, 10000, "Maximum open WebSocket connections; "
-       "further upgrades get HTTP 503.", env="MAX_CONNECTIONS", minimum=1,
-       maximum=1_000_000),
-    _s("server.max_request_body", int, 1_048_576, "Maximum HTTP request body in bytes.",
-       minimum=1024, maximum=64 * 1_048_576),
-    _s("server.max_header_bytes", int, 16384, "Maximum size of an HTTP request head "
-       "in bytes.", minimum=1024, maximum=1_048_576),
-    _s("database.path", str, "", "SQLite database file; empty means "
-       "`<var_dir>/db/deeper_hub.db`.", env="DEEPER_HUB_DB_PATH"),
-    _s("database.pool_size", int, 10, "Read-only SQLite connections per acceptor "
-       "process.", env="DEEPER_HUB_DB_POOL_SIZE", minimum=1, maximum=100),
-    _s("database.synchronous", str, "full", "SQLite `synchronous` pragma for the DB "
-       "writer: `full` survives power loss, `normal` is faster but can lose the last "
-       "commits on power loss.", choices=("full", "normal")),
-    _s("database.busy_timeout_ms", int, 5000, "SQLite busy timeout in milliseconds.",
-       minimum=0, maximum=600_000),
-    _s("database.max_batch", int, 256, "Maximum writes committed in one transaction "
-       "(group commit).", minimum=1, maximum=100_000),
-    _s("logging.level", str, "info", "Log level.", env="DEEPER_HUB_LOG_LEVEL",
-       choices=LOG_LEVELS),
-    _s("auth.secret_key", str, "", "HMAC key for JWTs. Empty in dev: a key is "
-       "generated once into `<var_dir>/secret_key`.", env="GUARDIAN_SECRET_KEY",
-       secret=True),
+    _s(
+        "server.env",
+        str,
+        "dev",
+        "Deployment mode; `prod` makes a strong key mandatory.",
+        env="DEEPERHUB_ENV",
+        choices=("dev", "prod"),
+    ),
+    _s(
+        "server.var_dir",
+        str,
+        "var",
+        "Folder for the database, logs, sockets and pidfile "
+        "(relative paths are resolved from the install root).",
+        env="DEEPERHUB_VAR_DIR",
+    ),
+    _s(
+        "server.host",
+        str,
+        "127.0.0.1",
+        "Address the HTTP and WebSocket port binds to.",
+        env="DEEPERHUB_HOST",
+    ),
+    _s(
+        "server.port",
+        int,
+        8080,
+        "TCP port for HTTP and WebSocket.",
+        env="PORT",
+        minimum=0,
+        maximum=65535,
+    ),
+    _s(
+        "server.max_connections",
+        int,
+        10000,
+        "Maximum open WebSocket connections; further upgrades get HTTP 503.",
+        env="MAX_CONNECTIONS",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    _s(
+        "server.max_request_body",
+        int,
+        1_048_576,
+        "Maximum HTTP request body in bytes.",
+        minimum=1024,
+        maximum=64 * 1_048_576,
+    ),
+    _s(
+        "server.max_header_bytes",
+        int,
+        16384,
+        "Maximum size of an HTTP request head in bytes.",
+        minimum=1024,
+        maximum=1_048_576,
+    ),
+    _s(
+        "database.path",
+        str,
+        "",
+        "SQLite database file; empty means `<var_dir>/db/deeper_hub.db`.",
+        env="DEEPER_HUB_DB_PATH",
+    ),
+    _s(
+        "database.pool_size",
+        int,
+        10,
+        "Read-only SQLite connections per acceptor process.",
+        env="DEEPER_HUB_DB_POOL_SIZE",
+        minimum=1,
+        maximum=100,
+    ),
+    _s(
+        "database.synchronous",
+        str,
+        "full",
+        "SQLite `synchronous` pragma for the DB "
+        "writer: `full` survives power loss, `normal` is faster but can lose the last "
+        "commits on power loss.",
+        choices=("full", "normal"),
+    ),
+    _s(
+        "database.busy_timeout_ms",
+        int,
+        5000,
+        "SQLite busy timeout in milliseconds.",
+        minimum=0,
+        maximum=600_000,
+    ),
+    _s(
+        "database.max_batch",
+        int,
+        256,
+        "Maximum writes committed in one transaction (group commit).",
+        minimum=1,
+        maximum=100_000,
+    ),
+    _s(
+        "logging.level",
+        str,
+        "info",
+        "Log level.",
+        env="DEEPER_HUB_LOG_LEVEL",
+        choices=LOG_LEVELS,
+    ),
+    _s(
+        "auth.secret_key",
+        str,
+        "",
+        "HMAC key for JWTs. Empty in dev: a key is "
+        "generated once into `<var_dir>/secret_key`.",
+        env="GUARDIAN_SECRET_KEY",
+        secret=True,
+    ),
     _s("auth.issuer", str, "deeperhub", "JWT `iss` claim."),
     _s("auth.audience", str, "deeperhub", "JWT `aud` claim."),
-    _s("auth.access_ttl", int, 3600, "Access token lifetime in seconds.",
-       minimum=10, maximum=86400 * 7),
-    _s("auth.refresh_ttl", int, 2_592_000, "Refresh token lifetime in seconds.",
-       minimum=60, maximum=86400 * 365),
-    _s("auth.leeway", int, 30, "Allowed clock skew in seconds when checking `exp`, "
-       "`nbf` and `iat`.", minimum=0, maximum=300),
-    _s("auth.password_min", int, 8, "Minimum password length in characters.",
-       minimum=1, maximum=1024),
-    _s("auth.password_max", int, 1024, "Maximum password length in characters.",
-       minimum=8, maximum=65536),
-    _s("websocket.heartbeat_timeout", float, 60.0, "Seconds without any frame from a "
-       "client before its connection is closed.", minimum=1, maximum=3600),
-    _s("websocket.max_frame_size", int, 2_097_152, "Maximum WebSocket frame or "
-       "message payload in bytes; larger gets close code 1009.", minimum=1024,
-       maximum=64 * 1_048_576),
-    _s("websocket.max_body_bytes", int, 16384, "Maximum `body` of a chat message in "
-       "bytes (UTF-8).", minimum=1, maximum=1_048_576),
-    _s("websocket.max_joins", int, 50, "Maximum topics joined per connection.",
-       minimum=1, maximum=10000),
-    _s("websocket.send_queue_bytes", int, 1_048_576, "Outgoing bytes buffered per "
-       "connection before a client that does not read is disconnected.",
-       minimum=4096, maximum=256 * 1_048_576),
-    _s("websocket.replay_limit", int, 1000, "Maximum stored messages replayed on a "
-       "join with `last_seen_id`.", minimum=0, maximum=100_000),
-    _s("security.rate_limit_api", int, 60, "HTTP API requests per minute per IP.",
-       env="DEEPER_HUB_SECURITY_RATE_LIMIT_API", minimum=1, maximum=1_000_000),
-    _s("security.rate_limit_ws", int, 120, "WebSocket messages per minute per user.",
-       env="DEEPER_HUB_SECURITY_RATE_LIMIT_WS", minimum=1, maximum=1_000_000),
-    _s("security_alerts.webhook_url", str, "", "URL that receives security alerts as "
-       "signed JSON; empty disables the webhook.",
-       env="DEEPER_HUB_SECURITY_ALERT_WEBHOOK"),
-    _s("supervisor.intensity", int, 3, "Restarts allowed within `period` before the "
-       "supervisor gives up.", minimum=0, maximum=1000),
-    _s("supervisor.period", float, 5.0, "Window in seconds for `intensity`.",
-       minimum=0.1, maximum=3600),
-    _s("supervisor.start_timeout", float, 30.0, "Seconds a worker may take to report "
-       "ready.", minimum=1, maximum=600),
-    _s("supervisor.shutdown_timeout", float, 10.0, "Seconds a worker gets after "
-       "SIGTERM before SIGKILL.", minimum=0.1, maximum=600),
-    _s("supervisor.liveness_interval", float, 2.0, "Seconds between liveness pings to "
-       "each worker.", minimum=0.1, maximum=600),
-    _s("supervisor.liveness_timeout", float, 10.0, "Seconds without a pong before a "
-       "worker is killed and restarted.", minimum=0.5, maximum=3600),
+    _s(
+        "auth.access_ttl",
+        int,
+        3600,
+        "Access token lifetime in seconds.",
+        minimum=10,
+        maximum=86400 * 7,
+    ),
+    _s(
+        "auth.refresh_ttl",
+        int,
+        2_592_000,
+        "Refresh token lifetime in seconds.",
+        minimum=60,
+        maximum=86400 * 365,
+    ),
+    _s(
+        "auth.leeway",
+        int,
+        30,
+        "Allowed clock skew in seconds when checking `exp`, `nbf` and `iat`.",
+        minimum=0,
+        maximum=300,
+    ),
+    _s(
+        "auth.password_min",
+        int,
+        8,
+        "Minimum password length in characters.",
+        minimum=1,
+        maximum=1024,
+    ),
+    _s(
+        "auth.password_max",
+        int,
+        1024,
+        "Maximum password length in characters.",
+        minimum=8,
+        maximum=65536,
+    ),
+    _s(
+        "websocket.heartbeat_timeout",
+        float,
+        60.0,
+        "Seconds without any frame from a client before its connection is closed.",
+        minimum=1,
+        maximum=3600,
+    ),
+    _s(
+        "websocket.max_frame_size",
+        int,
+        2_097_152,
+        "Maximum WebSocket frame or "
+        "message payload in bytes; larger gets close code 1009.",
+        minimum=1024,
+        maximum=64 * 1_048_576,
+    ),
+    _s(
+        "websocket.max_body_bytes",
+        int,
+        16384,
+        "Maximum `body` of a chat message in bytes (UTF-8).",
+        minimum=1,
+        maximum=1_048_576,
+    ),
+    _s(
+        "websocket.max_joins",
+        int,
+        50,
+        "Maximum topics joined per connection.",
+        minimum=1,
+        maximum=10000,
+    ),
+    _s(
+        "websocket.send_queue_bytes",
+        int,
+        1_048_576,
+        "Outgoing bytes buffered per "
+        "connection before a client that does not read is disconnected.",
+        minimum=4096,
+        maximum=256 * 1_048_576,
+    ),
+    _s(
+        "websocket.replay_limit",
+        int,
+        1000,
+        "Maximum stored messages replayed on a join with `last_seen_id`.",
+        minimum=0,
+        maximum=100_000,
+    ),
+    _s(
+        "security.rate_limit_api",
+        int,
+        60,
+        "HTTP API requests per minute per IP.",
+        env="DEEPER_HUB_SECURITY_RATE_LIMIT_API",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    _s(
+        "security.rate_limit_ws",
+        int,
+        120,
+        "WebSocket messages per minute per user.",
+        env="DEEPER_HUB_SECURITY_RATE_LIMIT_WS",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    _s(
+        "security_alerts.webhook_url",
+        str,
+        "",
+        "URL that receives security alerts as signed JSON; empty disables the webhook.",
+        env="DEEPER_HUB_SECURITY_ALERT_WEBHOOK",
+    ),
+    _s(
+        "supervisor.intensity",
+        int,
+        3,
+        "Restarts allowed within `period` before the supervisor gives up.",
+        minimum=0,
+        maximum=1000,
+    ),
+    _s(
+        "supervisor.period",
+        float,
+        5.0,
+        "Window in seconds for `intensity`.",
+        minimum=0.1,
+        maximum=3600,
+    ),
+    _s(
+        "supervisor.start_timeout",
+        float,
+        30.0,
+        "Seconds a worker may take to report ready.",
+        minimum=1,
+        maximum=600,
+    ),
+    _s(
+        "supervisor.shutdown_timeout",
+        float,
+        10.0,
+        "Seconds a worker gets after SIGTERM before SIGKILL.",
+        minimum=0.1,
+        maximum=600,
+    ),
+    _s(
+        "supervisor.liveness_interval",
+        float,
+        2.0,
+        "Seconds between liveness pings to each worker.",
+        minimum=0.1,
+        maximum=600,
+    ),
+    _s(
+        "supervisor.liveness_timeout",
+        float,
+        10.0,
+        "Seconds without a pong before a worker is killed and restarted.",
+        minimum=0.5,
+        maximum=3600,
+    ),
 )
 
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
@@ -215,7 +425,14 @@ def _coerce(setting: Setting, raw: Any, source: str) -> Any:
     if setting.kind is bool:
         if isinstance(raw, bool):
             value = raw
-        elif isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+        elif isinstance(raw, str) and raw.lower() in (
+            "true",
+            "1",
+            "yes",
+            "false",
+            "0",
+            "no",
+        ):
             value = raw.lower() in ("true", "1", "yes")
         else:
             raise invalid()

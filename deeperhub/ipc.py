@@ -15,12 +15,14 @@ import math
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .errors import ProtocolError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -39,6 +41,7 @@ _HEADER = struct.Struct(">I")
 log = logging.getLogger("deeperhub.ipc")
 
 Handler = Callable[["MessageStream"], Awaitable[None]]
+RequestHandler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
 class RemoteError(Exception):
@@ -80,7 +83,9 @@ class MessageStream:
             if len(self._buffer) >= _HEADER.size:
                 (length,) = _HEADER.unpack_from(self._buffer)
                 if length > MAX_MESSAGE_BYTES:
-                    raise ProtocolError(f"IPC message of {length} bytes exceeds the maximum")
+                    raise ProtocolError(
+                        f"IPC message of {length} bytes exceeds the maximum"
+                    )
                 end = _HEADER.size + length
                 if len(self._buffer) >= end:
                     body = bytes(self._buffer[_HEADER.size : end])
@@ -88,7 +93,9 @@ class MessageStream:
                     try:
                         message = json.loads(body)
                     except ValueError as exc:
-                        raise ProtocolError(f"invalid JSON in IPC message: {exc}") from exc
+                        raise ProtocolError(
+                            f"invalid JSON in IPC message: {exc}"
+                        ) from exc
                     if not isinstance(message, dict):
                         raise ProtocolError("IPC message is not a JSON object")
                     return message
@@ -157,20 +164,29 @@ async def serve_unix(
 
 
 class RpcClient:
-    """Request/reply client over one MessageStream, with pushes on `events`.
+    """Request/reply peer over one MessageStream, with pushes on `events`.
 
     Many tasks may call `call` at once; replies are matched by id. Pushes (messages
-    without an id) go to `events`, a memory channel with a bounded buffer.
+    without an id) go to `events`, a memory channel with a bounded buffer. When a
+    `request_handler` is given, requests from the other side (messages with an
+    `op`) are answered with its return value, one at a time, so it must be quick.
     """
 
-    def __init__(self, messages: MessageStream, event_buffer: int) -> None:
+    def __init__(
+        self,
+        messages: MessageStream,
+        event_buffer: int,
+        request_handler: RequestHandler | None = None,
+    ) -> None:
         self.messages = messages
+        self._request_handler = request_handler
         self._next_id = 0
         self._pending: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._events_send, self.events = trio.open_memory_channel[dict[str, Any]](
             event_buffer
         )
         self.closed = False
+        self.closed_event = trio.Event()
 
     async def call(self, op: str, timeout: float = math.inf, **args: Any) -> Any:
         """Send request `op` and return its result, raising RemoteError on error."""
@@ -194,7 +210,27 @@ class RpcClient:
         if reply.get("ok"):
             return reply.get("result")
         error = reply.get("error") or {}
-        raise RemoteError(str(error.get("code", "error")), str(error.get("message", "")))
+        raise RemoteError(
+            str(error.get("code", "error")), str(error.get("message", ""))
+        )
+
+    async def _answer(self, request: dict[str, Any]) -> None:
+        op = str(request.get("op"))
+        args = request.get("args")
+        reply: dict[str, Any] = {"id": request.get("id")}
+        if self._request_handler is None:
+            reply.update(
+                ok=False, error={"code": "invalid", "message": f"unknown op {op}"}
+            )
+        else:
+            try:
+                result = await self._request_handler(
+                    op, args if isinstance(args, dict) else {}
+                )
+                reply.update(ok=True, result=result)
+            except RemoteError as exc:
+                reply.update(ok=False, error={"code": exc.code, "message": exc.message})
+        await self.messages.send(reply)
 
     async def notify(self, event: dict[str, Any]) -> None:
         """Send a one-way message."""
@@ -208,7 +244,9 @@ class RpcClient:
                 if message is None:
                     break
                 request_id = message.get("id")
-                if isinstance(request_id, int):
+                if "op" in message:
+                    await self._answer(message)
+                elif isinstance(request_id, int):
                     waiter = self._pending.get(request_id)
                     if waiter is not None:
                         waiter.send_nowait(message)
@@ -218,6 +256,7 @@ class RpcClient:
             pass
         finally:
             self.closed = True
+            self.closed_event.set()
             for waiter in self._pending.values():
                 waiter.close()
             self._events_send.close()
@@ -225,11 +264,14 @@ class RpcClient:
 
 @asynccontextmanager
 async def open_rpc_client(
-    path: Path | str, *, event_buffer: int = 10000
+    path: Path | str,
+    *,
+    event_buffer: int = 10000,
+    request_handler: RequestHandler | None = None,
 ) -> AsyncIterator[RpcClient]:
-    """Connect to `path` and yield an RpcClient whose receiver runs in the background."""
+    """Connect to `path` and yield an RpcClient with its receiver running."""
     messages = await open_unix_stream(path)
-    client = RpcClient(messages, event_buffer)
+    client = RpcClient(messages, event_buffer, request_handler)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.run_receiver)
         try:

@@ -1,0 +1,278 @@
+"""`bin/deeperhub`: the release-style command line.
+
+Exit codes of `status` follow LSB init scripts: 0 running, 1 dead with a
+pidfile left, 3 not running. `stop` exits 0 once everything stopped, and also 0
+with a message when nothing was running (as LSB asks of `stop`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from . import __version__
+from .config import load_settings
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = ["main"]
+
+EXIT_RUNNING = 0
+EXIT_DEAD_WITH_PIDFILE = 1
+EXIT_NOT_RUNNING = 3
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+
+STOP_TIMEOUT = 60.0
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        click.echo(f"deeperhub: configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _read_pid(settings: Settings) -> int | None:
+    from supervisor.main import pid_path
+
+    try:
+        return int(pid_path(settings).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _query_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any] | None:
+    """Return the supervisor's status over its control socket, or None."""
+    import trio
+
+    from .ipc import open_rpc_client
+
+    async def query() -> Any:
+        with trio.move_on_after(timeout):
+            async with open_rpc_client(settings.socket_path("supervisor")) as client:
+                return await client.call("status")
+        return None
+
+    try:
+        result = trio.run(query)
+    except OSError:
+        return None
+    return result if isinstance(result, dict) else None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Run and operate a DeeperHub daemon.
+
+    Settings come from etc/deeperhub.toml and environment variables such as
+    PORT, GUARDIAN_SECRET_KEY and DEEPERHUB_VAR_DIR (see README).
+    """
+
+
+@main.command()
+def start() -> None:
+    """Run the supervisor and its workers in the foreground (Ctrl-C stops)."""
+    os.environ.setdefault("DEEPERHUB_LOG_STDERR", "1")
+    settings = _settings()
+    from supervisor.main import run
+
+    from .logs import RUNTIME_LOG, configure_logging
+
+    configure_logging(settings, RUNTIME_LOG)
+    sys.exit(run(settings))
+
+
+@main.command()
+@click.option(
+    "--wait",
+    "wait_seconds",
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for every worker to be running.",
+)
+def daemon(wait_seconds: float) -> None:
+    """Start DeeperHub in the background; logs go to <var_dir>/log/."""
+    settings = _settings()
+    pid = _read_pid(settings)
+    if pid is not None and _alive(pid):
+        click.echo(f"DeeperHub is already running (pid {pid})", err=True)
+        sys.exit(2)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["DEEPERHUB_LOG_STDERR"] = "0"
+    with (settings.log_dir / "console.log").open("ab") as console:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deeperhub.cli", "start"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=console,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        code = process.poll()
+        if code is not None:
+            click.echo(
+                f"DeeperHub exited during start-up with status {code}; see "
+                f"{settings.log_dir}/runtime.log and console.log",
+                err=True,
+            )
+            sys.exit(1)
+        status = _query_status(settings, timeout=1.0)
+        workers = (status or {}).get("workers") or {}
+        if workers and all(w.get("state") == "running" for w in workers.values()):
+            click.echo(f"DeeperHub started (pid {process.pid})")
+            return
+        time.sleep(0.2)
+    click.echo(f"DeeperHub did not become ready within {wait_seconds:g} s", err=True)
+    sys.exit(1)
+
+
+def _stop(settings: Settings) -> int:
+    pid = _read_pid(settings)
+    if pid is None or not _alive(pid):
+        click.echo("DeeperHub is not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            click.echo(f"DeeperHub stopped (pid {pid})")
+            return 0
+        time.sleep(0.1)
+    click.echo(
+        f"DeeperHub (pid {pid}) did not stop within {STOP_TIMEOUT:g} s", err=True
+    )
+    return 1
+
+
+@main.command()
+def stop() -> None:
+    """Stop the running daemon and wait until every process has exited."""
+    sys.exit(_stop(_settings()))
+
+
+@main.command()
+@click.pass_context
+def restart(ctx: click.Context) -> None:
+    """Stop the daemon if it runs, then start it in the background."""
+    code = _stop(_settings())
+    if code != 0:
+        sys.exit(code)
+    ctx.invoke(daemon)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(as_json: bool) -> None:
+    """Show the supervisor and each worker (exit 0 running, 1 dead, 3 stopped)."""
+    settings = _settings()
+    pid = _read_pid(settings)
+    result = _query_status(settings) if pid is not None and _alive(pid) else None
+    if result is None:
+        code = EXIT_DEAD_WITH_PIDFILE if pid is not None else EXIT_NOT_RUNNING
+        state = "dead (stale pidfile)" if pid is not None else "not running"
+        if as_json:
+            click.echo(json.dumps({"state": state, "pid": pid}))
+        else:
+            click.echo(f"DeeperHub is {state}")
+        sys.exit(code)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    sup = result["supervisor"]
+    click.echo(
+        f"DeeperHub {sup['version']} running, supervisor pid {sup['pid']}, "
+        f"up {sup['uptime']:.0f} s"
+    )
+    for worker_id, worker in result["workers"].items():
+        uptime = worker.get("uptime")
+        shown = f"{uptime:.0f} s" if uptime is not None else "-"
+        click.echo(
+            f"  {worker_id:<18} {worker['state']:<9} pid {worker['pid'] or '-':<8} "
+            f"up {shown:<8} restarts {worker['restarts']}"
+        )
+
+
+@main.command()
+def pid() -> None:
+    """Print the supervisor's pid (exit 3 when not running)."""
+    settings = _settings()
+    value = _read_pid(settings)
+    if value is None or not _alive(value):
+        click.echo("DeeperHub is not running", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    click.echo(str(value))
+
+
+@main.command()
+def version() -> None:
+    """Print the version without contacting the daemon."""
+    click.echo(f"DeeperHub {__version__}")
+
+
+@main.command("gen-secret")
+@click.option("--bytes", "length", default=64, show_default=True, help="Random bytes.")
+def gen_secret(length: int) -> None:
+    """Print a new random secret for GUARDIAN_SECRET_KEY."""
+    if length < 32:
+        raise click.BadParameter("use at least 32 bytes", param_hint="--bytes")
+    click.echo(secrets.token_urlsafe(length))
+
+
+@main.command("config-reference")
+def config_reference() -> None:
+    """Print the configuration reference (docs/configuration.md) as Markdown."""
+    from .configdoc import render_configuration_reference
+
+    click.echo(render_configuration_reference(), nl=False)
+
+
+@main.command()
+def remote() -> None:
+    """Open an interactive console showing the running daemon's state."""
+    settings = _settings()
+    result = _query_status(settings)
+    if result is None:
+        click.echo("DeeperHub is not running", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    import code
+
+    # TODO: the console runs in this CLI process and reads state through the
+    # supervisor socket; helpers that act on the daemon (disconnect a user,
+    # block an IP) are not there yet.
+    banner = (
+        f"DeeperHub {__version__} remote console (supervisor pid "
+        f"{result['supervisor']['pid']}).\n"
+        "status() returns the supervisor and worker status. Ctrl-D leaves."
+    )
+    code.interact(
+        banner=banner,
+        local={"status": lambda: _query_status(settings), "settings": settings},
+    )
+
+
+if __name__ == "__main__":
+    main(prog_name="deeperhub")

@@ -1,0 +1,47 @@
+"""Logging set-up for the supervisor and the workers.
+
+The supervisor writes the runtime log (`<var_dir>/log/runtime.log`: starts,
+stops, restarts, exits) and the workers write the application log
+(`<var_dir>/log/deeper_hub.log`). Both use WatchedFileHandler, which reopens
+the file when logrotate moves it. With `DEEPERHUB_LOG_STDERR=1` (set by the
+foreground `start` command) records also go to standard error.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = ["APPLICATION_LOG", "RUNTIME_LOG", "configure_logging"]
+
+RUNTIME_LOG = "runtime.log"
+APPLICATION_LOG = "deeper_hub.log"
+
+_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def configure_logging(settings: Settings, filename: str) -> None:
+    """Send the `deeperhub` loggers to `<var_dir>/log/<filename>` at the set level."""
+    level = getattr(logging, str(settings["logging.level"]).upper())
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter(_FORMAT)
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    file_handler = logging.handlers.WatchedFileHandler(settings.log_dir / filename)
+    file_handler.setFormatter(formatter)
+    root.addHandler(file_handler)
+    if os.environ.get("DEEPERHUB_LOG_STDERR") == "1":
+        stream_handler = logging.StreamHandler(sys.stderr)
+        stream_handler.setFormatter(formatter)
+        root.addHandler(stream_handler)
+
+    root.setLevel(logging.WARNING)
+    logging.getLogger("deeperhub").setLevel(level)

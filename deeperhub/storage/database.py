@@ -1,0 +1,142 @@
+"""Opening SQLite connections for the DB writer and for readers.
+
+An apsw connection may be used from any thread, but by one thread at a time:
+the DB writer has a single writer task, and `ReadPool` lends each read
+connection to one call at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import apsw
+
+from ..errors import StorageError
+
+__all__ = ["open_read_connection", "open_write_connection"]
+
+_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+
+
+def open_write_connection(
+    path: Path | str,
+    *,
+    synchronous: str = "full",
+    busy_timeout_ms: int = 5000,
+) -> apsw.Connection:
+    """Open the read-write connection of the DB writer, creating the file if needed.
+
+    The connection uses WAL mode, `foreign_keys=ON`, the given `synchronous`
+    level (`full` or `normal`, the `database.synchronous` setting) and busy
+    timeout. A new file and its folder are created readable by the owner only,
+    because the database stores password hashes. Raises StorageError when the
+    file cannot be opened or fails `PRAGMA quick_check`.
+    """
+    path = Path(path)
+    level = _SYNCHRONOUS.get(synchronous.lower())
+    if level is None:
+        raise StorageError(
+            "storage",
+            f"invalid synchronous level {synchronous!r}: expected full or normal",
+        )
+    _create_private_file(path)
+
+    try:
+        conn = apsw.Connection(
+            str(path), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+        )
+    except apsw.Error as exc:
+        raise StorageError("storage", f"cannot open database {path}: {exc}") from exc
+
+    try:
+        conn.setbusytimeout(busy_timeout_ms)
+        _check_integrity(conn, path)
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0]
+        if str(mode).lower() != "wal":
+            raise StorageError(
+                "storage",
+                f"cannot switch database {path} to WAL mode (journal_mode is "
+                f"{mode}): put the file on a local file system",
+            )
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA synchronous = {level}")
+    except apsw.Error as exc:
+        conn.close()
+        raise StorageError("storage", f"cannot open database {path}: {exc}") from exc
+    except StorageError:
+        conn.close()
+        raise
+    return conn
+
+
+def open_read_connection(
+    path: Path | str, *, busy_timeout_ms: int = 5000
+) -> apsw.Connection:
+    """Open a read-only connection (`SQLITE_OPEN_READONLY` and `query_only=ON`).
+
+    Raises StorageError when the file does not exist yet (the DB writer creates
+    it at start) or cannot be opened.
+    """
+    path = Path(path)
+    try:
+        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.Error as exc:
+        raise StorageError(
+            "storage",
+            f"cannot open database {path} read-only: {exc} (the DB writer creates "
+            "it at start)",
+        ) from exc
+
+    try:
+        conn.setbusytimeout(busy_timeout_ms)
+        conn.execute("PRAGMA query_only = ON")
+    except apsw.Error as exc:
+        conn.close()
+        raise StorageError(
+            "storage", f"cannot open database {path} read-only: {exc}"
+        ) from exc
+    return conn
+
+
+def _create_private_file(path: Path) -> None:
+    """Create `path` empty with mode 0600, and its folder with 0700, if missing.
+
+    SQLite treats an empty file as an empty database, and gives the `-wal` and
+    `-shm` files the permissions of the main file.
+    """
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise StorageError(
+            "storage", f"cannot create database {path}: {exc.strerror}"
+        ) from exc
+    os.close(fd)
+
+
+def _check_integrity(conn: apsw.Connection, path: Path) -> None:
+    """Raise StorageError unless `PRAGMA quick_check` returns ok."""
+    rows = conn.execute("PRAGMA quick_check").fetchall()
+    if [str(row[0]) for row in rows] == ["ok"]:
+        return
+
+    # SQLite 3.54 returns the problems as lines of one row under a
+    # "*** in database main ***" heading. One row per problem is handled too.
+    problems = [
+        line
+        for row in rows
+        for line in str(row[0]).splitlines()
+        if line and not line.startswith("***")
+    ]
+    summary = "; ".join(problems[:3])
+    if len(problems) > 3:
+        summary += f"; and {len(problems) - 3} more"
+    raise StorageError(
+        "storage",
+        f"database {path} failed PRAGMA quick_check: {summary}. Stop DeeperHub and "
+        "restore the file from a backup, or salvage it with the sqlite3 shell's "
+        "`.recover` command",
+    )

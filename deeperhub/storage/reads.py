@@ -1,0 +1,268 @@
+"""Read queries on read-only connections, and the pool that runs them in threads.
+
+The query functions are plain and synchronous: `fn(conn, *args)`. Acceptors
+call them through `ReadPool.run`, which lends one connection to one thread at
+a time. The returned dicts have the shapes of the DB writer's results in
+docs/architecture.md (a channel's `private` is a bool).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from ..metrics import DB_QUERY_DURATION
+from .database import open_read_connection
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from pathlib import Path
+
+    import apsw
+
+__all__ = [
+    "ReadPool",
+    "channel_by_id",
+    "channel_by_name",
+    "earliest_message_id",
+    "is_member",
+    "is_token_revoked",
+    "list_channels_for",
+    "messages_after",
+    "open_read_pool",
+    "user_by_id",
+    "user_for_login",
+]
+
+T = TypeVar("T")
+
+_CHANNEL_COLUMNS = "id, name, owner_id, private, inserted_at"
+_MESSAGE_SELECT = """
+SELECT m.id, m.seq, m.channel_id, c.name, m.user_id, u.username, m.body,
+       m.inserted_at
+FROM messages AS m
+JOIN channels AS c ON c.id = m.channel_id
+JOIN users AS u ON u.id = m.user_id
+"""
+
+
+def _rows(conn: apsw.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    return conn.execute(sql, params).fetchall()
+
+
+def _channel(row: tuple[Any, ...]) -> dict[str, Any]:
+    channel_id, name, owner_id, private, inserted_at = row
+    return {
+        "id": channel_id,
+        "name": name,
+        "owner_id": owner_id,
+        "private": bool(private),
+        "inserted_at": inserted_at,
+    }
+
+
+def _message(row: tuple[Any, ...]) -> dict[str, Any]:
+    message_id, seq, channel_id, channel, user_id, username, body, inserted_at = row
+    return {
+        "id": message_id,
+        "seq": seq,
+        "channel_id": channel_id,
+        "channel": channel,
+        "user_id": user_id,
+        "username": username,
+        "body": body,
+        "inserted_at": inserted_at,
+    }
+
+
+def user_by_id(conn: apsw.Connection, user_id: int) -> dict[str, Any] | None:
+    """Return `{id, username, email, inserted_at}` of a user, or None."""
+    rows = _rows(
+        conn,
+        "SELECT id, username, email, inserted_at FROM users WHERE id = ?",
+        (user_id,),
+    )
+    if not rows:
+        return None
+    user_id, username, email, inserted_at = rows[0]
+    return {
+        "id": user_id,
+        "username": username,
+        "email": email,
+        "inserted_at": inserted_at,
+    }
+
+
+def user_for_login(conn: apsw.Connection, login: str) -> dict[str, Any] | None:
+    """Return `{id, username, email, password_hash}` of the user `login` names.
+
+    `login` matches a username or an email, ignoring ASCII case (the columns use
+    NOCASE). When it could match two users, a login containing `@` prefers the
+    email match and any other login prefers the username match.
+    """
+    columns = ("email", "username") if "@" in login else ("username", "email")
+    for column in columns:
+        rows = _rows(
+            conn,
+            f"SELECT id, username, email, password_hash FROM users WHERE {column} = ?",
+            (login,),
+        )
+        if rows:
+            user_id, username, email, password_hash = rows[0]
+            return {
+                "id": user_id,
+                "username": username,
+                "email": email,
+                "password_hash": password_hash,
+            }
+    return None
+
+
+def channel_by_id(conn: apsw.Connection, channel_id: int) -> dict[str, Any] | None:
+    """Return a channel `{id, name, owner_id, private, inserted_at}`, or None."""
+    rows = _rows(
+        conn, f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE id = ?", (channel_id,)
+    )
+    return _channel(rows[0]) if rows else None
+
+
+def channel_by_name(conn: apsw.Connection, name: str) -> dict[str, Any] | None:
+    """Return the channel called `name` (case-sensitive), or None."""
+    rows = _rows(
+        conn, f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE name = ?", (name,)
+    )
+    return _channel(rows[0]) if rows else None
+
+
+def list_channels_for(conn: apsw.Connection, user_id: int) -> list[dict[str, Any]]:
+    """Return the public channels and the private ones `user_id` belongs to, by id."""
+    rows = _rows(
+        conn,
+        f"SELECT {_CHANNEL_COLUMNS} FROM channels AS c "
+        "WHERE c.private = 0 OR EXISTS ("
+        "SELECT 1 FROM channel_members AS cm "
+        "WHERE cm.channel_id = c.id AND cm.user_id = ?) "
+        "ORDER BY c.id",
+        (user_id,),
+    )
+    return [_channel(row) for row in rows]
+
+
+def is_member(conn: apsw.Connection, channel_id: int, user_id: int) -> bool:
+    """Return whether `user_id` is a member of `channel_id`."""
+    rows = _rows(
+        conn,
+        "SELECT 1 FROM channel_members WHERE channel_id = ? AND user_id = ?",
+        (channel_id, user_id),
+    )
+    return bool(rows)
+
+
+def messages_after(
+    conn: apsw.Connection, channel_id: int, after_id: int, limit: int
+) -> list[dict[str, Any]]:
+    """Return up to `limit` messages of a channel with id above `after_id`.
+
+    Messages come oldest first. Pass `after_id=0` to read from the first one.
+    """
+    if limit <= 0:
+        return []
+    rows = _rows(
+        conn,
+        _MESSAGE_SELECT + "WHERE m.channel_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+        (channel_id, after_id, limit),
+    )
+    return [_message(row) for row in rows]
+
+
+def earliest_message_id(conn: apsw.Connection, channel_id: int) -> int | None:
+    """Return the id of the oldest stored message of a channel, or None if empty."""
+    rows = _rows(
+        conn, "SELECT min(id) FROM messages WHERE channel_id = ?", (channel_id,)
+    )
+    value = rows[0][0] if rows else None
+    return None if value is None else int(value)
+
+
+def is_token_revoked(conn: apsw.Connection, jti: str) -> bool:
+    """Return whether the token id `jti` was recorded by `revoke_token`."""
+    rows = _rows(conn, "SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,))
+    return bool(rows)
+
+
+class ReadPool:
+    """Read-only connections lent to one worker thread at a time.
+
+    At most `size` queries run at once. A call that is cancelled still waits
+    for its thread to finish, so a connection is never used by two threads.
+    """
+
+    def __init__(self, connections: list[apsw.Connection]) -> None:
+        if not connections:
+            raise ValueError("ReadPool needs at least one connection")
+        self.size = len(connections)
+        self._idle_send, self._idle = trio.open_memory_channel[Any](self.size)
+        for conn in connections:
+            self._idle_send.send_nowait(conn)
+        # Threads have their own limiter so that pools larger than trio's
+        # default thread limit still run `size` queries at once.
+        self._threads = trio.CapacityLimiter(self.size)
+        self._closed = False
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(conn, *args)` in a worker thread with a borrowed connection."""
+        try:
+            conn = await self._idle.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise trio.ClosedResourceError("read pool is closed") from None
+        start = time.perf_counter()
+        try:
+            return await trio.to_thread.run_sync(fn, conn, *args, limiter=self._threads)
+        finally:
+            DB_QUERY_DURATION.labels(kind="read").observe(time.perf_counter() - start)
+            if self._closed:
+                conn.close()
+            else:
+                self._idle_send.send_nowait(conn)
+
+    def close(self) -> None:
+        """Close the idle connections now and borrowed ones when they come back."""
+        self._closed = True
+        self._idle_send.close()
+        while True:
+            try:
+                conn = self._idle.receive_nowait()
+            except trio.EndOfChannel:
+                break
+            conn.close()
+
+
+@asynccontextmanager
+async def open_read_pool(
+    path: Path | str, size: int, *, busy_timeout_ms: int = 5000
+) -> AsyncIterator[ReadPool]:
+    """Open `size` read-only connections to `path` and yield them as a ReadPool.
+
+    Raises StorageError if the database cannot be opened (see
+    `open_read_connection`).
+    """
+    connections: list[apsw.Connection] = []
+    try:
+        for _ in range(size):
+            conn = await trio.to_thread.run_sync(
+                lambda: open_read_connection(path, busy_timeout_ms=busy_timeout_ms)
+            )
+            connections.append(conn)
+    except BaseException:
+        for conn in connections:
+            conn.close()
+        raise
+
+    pool = ReadPool(connections)
+    try:
+        yield pool
+    finally:
+        pool.close()

@@ -1,0 +1,221 @@
+"""Account routes: register, login, refresh, revoke and the current user.
+
+Refresh tokens rotate: each refresh marks the presented token used (in the DB
+writer, atomically) and returns a new pair in the same family. When a used
+token is presented again, the DB writer returns the error `reused` and revokes
+the whole family.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from quart import Blueprint, request
+
+from deeperhub.auth.tokens import REFRESH, TokenError
+from deeperhub.ipc import RemoteError
+from deeperhub.storage import reads
+from deeperhub.validation import (
+    ValidationError,
+    validate_email,
+    validate_password,
+    validate_username,
+)
+
+from .http_support import ApiError, read_json_object
+
+if TYPE_CHECKING:
+    from .http_support import Api
+
+__all__ = ["create_auth_blueprint", "public_user"]
+
+log = logging.getLogger("deeperhub.auth")
+
+# Same response for an unknown user and a wrong password, so that login does
+# not reveal which accounts exist.
+_BAD_CREDENTIALS = "invalid login or password"
+
+
+def public_user(row: dict[str, Any]) -> dict[str, Any]:
+    """Return the fields of a user row that clients may see (no password hash)."""
+    return {"id": row["id"], "username": row["username"], "email": row["email"]}
+
+
+def _conflict_field(message: str) -> str | None:
+    # The DB writer's conflict message names the column that is taken.
+    for field in ("username", "email"):
+        if field in message.lower():
+            return field
+    return None
+
+
+def _login_name(body: dict[str, Any]) -> str:
+    for field in ("login", "username", "email"):
+        value = body.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise ValidationError(field, f"{field} must be a non-empty string")
+        return value
+    raise ValidationError("login", "login, username or email is required")
+
+
+def create_auth_blueprint(api: Api) -> Blueprint:
+    """Return the blueprint of `/api/auth/*` and `/api/users/me`."""
+    blueprint = Blueprint("auth", __name__)
+    services = api.services
+    tokens = services.tokens
+
+    async def issue_pair(user_id: int, family_id: str) -> dict[str, Any]:
+        access_token, _ = tokens.issue_access(user_id)
+        refresh_token, refresh_claims = tokens.issue_refresh(user_id, family_id)
+        await api.db(
+            "store_refresh_token",
+            jti=refresh_claims["jti"],
+            user_id=user_id,
+            family_id=family_id,
+            expires_at=refresh_claims["exp"],
+        )
+        return {
+            "access_token": access_token,
+            "refresh_token": refresh_token,
+            "token_type": "Bearer",
+            "expires_in": tokens.access_ttl,
+        }
+
+    @blueprint.post("/api/auth/register")
+    async def register() -> Any:
+        body = await read_json_object()
+        username = validate_username(body.get("username"))
+        email = validate_email(body.get("email"))
+        password = validate_password(body.get("password"), api.settings)
+
+        password_hash = await services.passwords.hash(password)
+        try:
+            result = await api.db(
+                "register_user",
+                username=username,
+                email=email,
+                password_hash=password_hash,
+            )
+        except RemoteError as exc:
+            if exc.code != "conflict":
+                raise
+            field = _conflict_field(exc.message)
+            message = f"{field} is already taken" if field else exc.message
+            raise ApiError(409, "conflict", message, field=field) from None
+
+        user = public_user(result["user"])
+        log.info("registered user %s", user["id"])
+        return {"user": user}, 201
+
+    @blueprint.post("/api/auth/login")
+    async def login() -> Any:
+        body = await read_json_object()
+        name = _login_name(body)
+        password = body.get("password")
+        if not isinstance(password, str):
+            raise ValidationError("password", "password must be a string")
+
+        # Verify even when the user does not exist, so both failures take
+        # about the same time.
+        row = await api.read(reads.user_for_login, name)
+        stored_hash = row["password_hash"] if row is not None else None
+        verified = await services.passwords.verify(stored_hash, password)
+        if row is None or not verified:
+            log.info(
+                "login failed from %s (%s)",
+                request.remote_addr,
+                "wrong password" if row is not None else "unknown user",
+            )
+            raise ApiError(401, "unauthorized", _BAD_CREDENTIALS)
+
+        # TODO: rehash when services.passwords.needs_rehash(stored_hash) is true;
+        # the DB writer has no operation to update a password hash yet.
+        user_id = int(row["id"])
+        log.info("user %s logged in from %s", user_id, request.remote_addr)
+        return await issue_pair(user_id, secrets.token_urlsafe(16))
+
+    @blueprint.post("/api/auth/refresh")
+    async def refresh() -> Any:
+        body = await read_json_object()
+        token = body.get("refresh_token")
+        if not isinstance(token, str) or not token:
+            raise ValidationError("refresh_token", "refresh_token must be a string")
+        try:
+            claims = tokens.verify(token, REFRESH)
+        except TokenError as exc:
+            log.info(
+                "rejected refresh token from %s: %s", request.remote_addr, exc.reason
+            )
+            raise ApiError(401, "unauthorized", exc.message) from None
+
+        try:
+            used = await api.db(
+                "use_refresh_token", jti=claims["jti"], now=int(time.time())
+            )
+        except RemoteError as exc:
+            if exc.code == "reused":
+                log.warning(
+                    "refresh token reused for user %s, so its token family is revoked",
+                    claims["sub"],
+                )
+                raise ApiError(
+                    401, "unauthorized", "refresh token was already used"
+                ) from None
+            if exc.code == "invalid":
+                log.info(
+                    "rejected refresh token of user %s: %s", claims["sub"], exc.message
+                )
+                raise ApiError(
+                    401, "unauthorized", "refresh token is not valid"
+                ) from None
+            raise
+
+        user_id = int(used["user_id"])
+        family_id = str(used["family_id"])
+        if str(user_id) != claims["sub"] or claims.get("fam", family_id) != family_id:
+            log.warning(
+                "refresh token of user %s does not match its stored user or family",
+                claims["sub"],
+            )
+            raise ApiError(401, "unauthorized", "refresh token is not valid")
+        return await issue_pair(user_id, family_id)
+
+    @blueprint.post("/api/auth/revoke")
+    async def revoke() -> Any:
+        identity = await api.authenticate()
+        body = await read_json_object(required=False)
+        revoked = [identity.claims]
+
+        # A refresh token in the body is revoked too (a full logout), but only
+        # one that belongs to the same user.
+        refresh_token = body.get("refresh_token")
+        if refresh_token is not None:
+            try:
+                refresh_claims = tokens.verify(refresh_token, REFRESH)
+            except TokenError as exc:
+                raise ValidationError("refresh_token", exc.message) from None
+            if refresh_claims["sub"] != identity.claims["sub"]:
+                raise ApiError(
+                    403, "forbidden", "refresh token belongs to another user"
+                )
+            revoked.append(refresh_claims)
+
+        for claims in revoked:
+            await api.db("revoke_token", jti=claims["jti"], expires_at=claims["exp"])
+        log.info("user %s revoked %d token(s)", identity.user_id, len(revoked))
+        return "", 204
+
+    @blueprint.get("/api/users/me")
+    async def current_user() -> Any:
+        identity = await api.authenticate()
+        row = await api.read(reads.user_by_id, identity.user_id)
+        if row is None:
+            raise ApiError(401, "unauthorized", "the token's user no longer exists")
+        return {"user": public_user(row)}
+
+    return blueprint
