@@ -50,6 +50,10 @@ class ChildHandle(Protocol):
         """Stop the child at once (SIGKILL for a process)."""
         ...
 
+    async def announce_stop(self, reason: str) -> None:
+        """Tell the child why it is about to be stopped ("shutdown" or "restart")."""
+        ...
+
 
 @dataclass(frozen=True)
 class ChildSpec:

@@ -31,6 +31,8 @@ log = logging.getLogger("deeperhub.supervisor")
 # intensity counts the failures.
 _RETRY_DELAY = 0.1
 _RETRY_DELAY_MAX = 2.0
+# Seconds to wait while telling a child why it stops, before SIGTERM.
+_ANNOUNCE_TIMEOUT = 1.0
 
 
 @dataclass
@@ -46,7 +48,9 @@ class ChildState:
     last_exit: int | None = None
 
     def describe(self) -> dict[str, Any]:
+        nested = getattr(self.handle, "tree", None)
         return {
+            "children": nested.status() if nested is not None else None,
             "state": self.state,
             "pid": self.handle.pid if self.handle else None,
             "restarts": self.restarts,
@@ -76,6 +80,9 @@ class Supervisor:
     on_restart: Any = None  # callable(child_id, status), e.g. to count a metric
     children: dict[str, ChildState] = field(init=False)
     stopping: bool = field(default=False, init=False)
+    # Sent to children before they are stopped: "shutdown", or "restart" when
+    # the daemon will come back (the acceptor then closes WebSockets with 1012).
+    stop_reason: str = field(default="shutdown", init=False)
 
     def __post_init__(self) -> None:
         self.children = {spec.id: ChildState(spec) for spec in self.specs}
@@ -116,8 +123,10 @@ class Supervisor:
         if error is not None:
             raise error
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, reason: str = "shutdown") -> None:
         """Stop every child in reverse start order; no restarts from now on."""
+        if not self.stopping:
+            self.stop_reason = reason
         self.stopping = True
         self._exits_send.close()
         await self._stopped.wait()
@@ -252,6 +261,11 @@ class Supervisor:
         assert handle is not None
         child.state = "stopping"
         child.generation += 1  # its exit is expected, not a crash
+        reason = self.stop_reason if self.stopping else "restart"
+        announce = getattr(handle, "announce_stop", None)
+        if announce is not None:
+            with trio.move_on_after(_ANNOUNCE_TIMEOUT):
+                await announce(reason)
         timeout = child.spec.shutdown
         if timeout is None:
             handle.kill()

@@ -27,17 +27,43 @@ log = logging.getLogger("deeperhub.supervisor")
 
 
 class WorkerProcess:
-    """A running worker process, with a liveness task that kills it if it hangs."""
+    """A running worker process, with a liveness task that kills it if it hangs.
 
-    def __init__(self, worker_id: str, process: trio.Process) -> None:
+    The process is forked from the supervisor's main thread on purpose: Linux
+    sends PR_SET_PDEATHSIG when the *thread* that forked a child exits, and
+    trio's `open_process` forks from a cached worker thread that ends after a
+    few idle seconds, which would stop every worker.
+    """
+
+    def __init__(self, worker_id: str, process: subprocess.Popen[bytes]) -> None:
         self.worker_id = worker_id
         self.process = process
         self.pid: int | None = process.pid
         self.peer: RpcClient | None = None
+        self.returncode: int | None = None
+        self._exited = trio.Event()
+
+    async def reap(self) -> None:
+        """Wait for the process to exit (through a pidfd) and collect its status."""
+        pidfd = os.pidfd_open(self.process.pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self.returncode = self.process.wait()
+        self._exited.set()
 
     async def wait(self) -> int:
-        status = await self.process.wait()
-        return status
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    async def announce_stop(self, reason: str) -> None:
+        if self.peer is not None and not self.peer.closed:
+            try:
+                await self.peer.notify({"event": "stop", "reason": reason})
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     def terminate(self) -> None:
         self._signal(signal.SIGTERM)
@@ -46,7 +72,9 @@ class WorkerProcess:
         self._signal(signal.SIGKILL)
 
     def _signal(self, signum: int) -> None:
-        if self.process.returncode is None:
+        # Until reaped, the pid cannot be reused, so the signal cannot hit
+        # another process.
+        if self.returncode is None:
             try:
                 self.process.send_signal(signum)
             except ProcessLookupError:
@@ -54,9 +82,9 @@ class WorkerProcess:
 
     async def check_liveness(self, interval: float, timeout: float) -> None:
         """Ping the worker every `interval` s; SIGKILL it after `timeout` s silent."""
-        while self.process.returncode is None and self.peer is not None:
+        while self.returncode is None and self.peer is not None:
             await trio.sleep(interval)
-            if self.process.returncode is not None or self.peer.closed:
+            if self.returncode is not None or self.peer.closed:
                 return
             try:
                 await self.peer.call("ping", timeout=timeout)
@@ -89,20 +117,25 @@ def worker_spec(
         env.update(extra_env)
         env["DEEPERHUB_WORKER_ID"] = worker_id
         env["DEEPERHUB_SUPERVISOR_SOCKET"] = str(settings.socket_path("supervisor"))
-        process = await trio.lowlevel.open_process(
+        process = subprocess.Popen(  # noqa: ASYNC220 (main thread, see WorkerProcess)
             [sys.executable, "-m", module],
             env=env,
             cwd=str(PROJECT_ROOT),
             stdin=subprocess.DEVNULL,
+            # A process group of its own: Ctrl-C or a SIGTERM sent to the whole
+            # group (as systemd does by default) reaches only the supervisor,
+            # which then stops the workers in order.
+            process_group=0,
         )
         worker = WorkerProcess(worker_id, process)
+        nursery.start_soon(worker.reap)
         timeout = float(settings["supervisor.start_timeout"])
         try:
             worker.peer = await _wait_ready(control, worker, timeout)
         except BaseException:
             worker.kill()
             with trio.CancelScope(shield=True):
-                await process.wait()
+                await worker.wait()
             raise
         nursery.start_soon(
             worker.check_liveness,
@@ -134,7 +167,7 @@ async def _wait_ready(
             nursery.cancel_scope.cancel()
 
         async def exited() -> None:
-            await worker.process.wait()
+            await worker.wait()
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(ready)
@@ -145,9 +178,9 @@ async def _wait_ready(
 
     if peer is not None:
         return peer
-    if worker.process.returncode is not None:
+    if worker.returncode is not None:
         raise RuntimeError(
-            f"exited with status {worker.process.returncode} before reporting ready "
+            f"exited with status {worker.returncode} before reporting ready "
             f"(see the application log)"
         )
     raise RuntimeError(f"did not report ready within {timeout:g} s")

@@ -214,3 +214,13 @@ def test_prod_requires_strong_key(tmp_path: Path) -> None:
     assert result.returncode == 78
     assert "GUARDIAN_SECRET_KEY" in result.stderr
     assert "32 bytes" in result.stderr
+
+
+def test_workers_stay_up_while_idle(daemon: Daemon) -> None:
+    """Workers outlive the supervisor's idle helper threads (about 10 s in trio)."""
+    before = daemon.status()["workers"]
+    time.sleep(12)
+    after = daemon.status()["workers"]
+    for worker_id, worker in after.items():
+        assert worker["restarts"] == 0, worker_id
+        assert worker["pid"] == before[worker_id]["pid"], worker_id
