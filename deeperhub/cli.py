@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -141,8 +142,7 @@ def daemon(wait_seconds: float) -> None:
             )
             sys.exit(1)
         status = _query_status(settings, timeout=1.0)
-        workers = (status or {}).get("workers") or {}
-        if workers and all(w.get("state") == "running" for w in workers.values()):
+        if status is not None and _all_running(status.get("tree") or {}):
             click.echo(f"DeeperHub started (pid {process.pid})")
             return
         time.sleep(0.2)
@@ -150,12 +150,27 @@ def daemon(wait_seconds: float) -> None:
     sys.exit(1)
 
 
-def _stop(settings: Settings) -> int:
+def _all_running(tree: dict[str, Any]) -> bool:
+    """Return whether every child in a status tree, nested ones included, runs."""
+    if not tree:
+        return False
+    for child in tree.values():
+        if child.get("state") != "running":
+            return False
+        if child.get("type") == "supervisor" and not _all_running(
+            child.get("children") or {}
+        ):
+            return False
+    return True
+
+
+def _stop(settings: Settings, reason: str = "shutdown") -> int:
     pid = _read_pid(settings)
     if pid is None or not _alive(pid):
         click.echo("DeeperHub is not running")
         return 0
-    os.kill(pid, signal.SIGTERM)
+    if not _request_stop(settings, reason):
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
         if not _alive(pid):
@@ -168,6 +183,25 @@ def _stop(settings: Settings) -> int:
     return 1
 
 
+def _request_stop(settings: Settings, reason: str) -> bool:
+    """Ask the supervisor to stop over its socket; False if it cannot be reached."""
+    import trio
+
+    from .ipc import open_rpc_client
+
+    async def request() -> bool:
+        with trio.move_on_after(3):
+            async with open_rpc_client(settings.socket_path("supervisor")) as client:
+                await client.call("stop", reason=reason)
+                return True
+        return False
+
+    try:
+        return trio.run(request)
+    except OSError:
+        return False
+
+
 @main.command()
 def stop() -> None:
     """Stop the running daemon and wait until every process has exited."""
@@ -178,7 +212,7 @@ def stop() -> None:
 @click.pass_context
 def restart(ctx: click.Context) -> None:
     """Stop the daemon if it runs, then start it in the background."""
-    code = _stop(_settings())
+    code = _stop(_settings(), reason="restart")
     if code != 0:
         sys.exit(code)
     ctx.invoke(daemon)
@@ -205,14 +239,40 @@ def status(as_json: bool) -> None:
     sup = result["supervisor"]
     click.echo(
         f"DeeperHub {sup['version']} running, supervisor pid {sup['pid']}, "
-        f"up {sup['uptime']:.0f} s"
+        f"up {sup['uptime']:.0f} s, memory {_memory(sup['pid'])}"
     )
-    for worker_id, worker in result["workers"].items():
-        uptime = worker.get("uptime")
+    _print_tree(result.get("tree") or result["workers"], depth=1)
+
+
+def _memory(pid: int | None) -> str:
+    """Return the resident memory of `pid` from /proc, or "-"."""
+    if pid is None:
+        return "-"
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return f"{int(line.split()[1]) / 1024:.1f} MiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return "-"
+
+
+def _print_tree(children: dict[str, Any], depth: int) -> None:
+    for child_id, child in children.items():
+        uptime = child.get("uptime")
         shown = f"{uptime:.0f} s" if uptime is not None else "-"
+        indent = "  " * depth
+        if child.get("type") == "supervisor":
+            click.echo(
+                f"{indent}{child_id:<18} {child['state']:<9} supervisor"
+                f"{'':<14} restarts {child['restarts']}"
+            )
+            _print_tree(child.get("children") or {}, depth + 1)
+            continue
         click.echo(
-            f"  {worker_id:<18} {worker['state']:<9} pid {worker['pid'] or '-':<8} "
-            f"up {shown:<8} restarts {worker['restarts']}"
+            f"{indent}{child_id:<18} {child['state']:<9} pid {child['pid'] or '-':<8} "
+            f"up {shown:<8} restarts {child['restarts']:<3} "
+            f"memory {_memory(child['pid'])}"
         )
 
 

@@ -115,6 +115,23 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=1_000_000,
     ),
     _s(
+        "server.acceptors",
+        int,
+        1,
+        "Acceptor processes sharing the port (SO_REUSEPORT).",
+        env="DEEPERHUB_ACCEPTORS",
+        minimum=1,
+        maximum=64,
+    ),
+    _s(
+        "server.drain_timeout",
+        float,
+        5.0,
+        "Seconds in-flight HTTP requests get to finish when an acceptor stops.",
+        minimum=0,
+        maximum=600,
+    ),
+    _s(
         "server.max_request_body",
         int,
         1_048_576,
@@ -164,12 +181,43 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=600_000,
     ),
     _s(
+        "database.checkpoint_pages",
+        int,
+        1000,
+        "WAL pages after which the DB writer checkpoints the WAL into the database.",
+        minimum=100,
+        maximum=1_000_000,
+    ),
+    _s(
         "database.max_batch",
         int,
         256,
         "Maximum writes committed in one transaction (group commit).",
         minimum=1,
         maximum=100_000,
+    ),
+    _s(
+        "backup.dir",
+        str,
+        "",
+        "Folder of `bin/deeperhub backup`; empty means `<var_dir>/backups`.",
+        env="DEEPERHUB_BACKUP_DIR",
+    ),
+    _s(
+        "backup.keep",
+        int,
+        30,
+        "Backups kept by `bin/deeperhub backup`; older ones are deleted.",
+        minimum=1,
+        maximum=100_000,
+    ),
+    _s(
+        "backup.timeout",
+        float,
+        3600.0,
+        "Seconds `bin/deeperhub backup` waits for the DB writer to finish a backup.",
+        minimum=1,
+        maximum=86400,
     ),
     _s(
         "logging.level",
@@ -229,6 +277,32 @@ SETTINGS: tuple[Setting, ...] = (
         "Maximum password length in characters.",
         minimum=8,
         maximum=65536,
+    ),
+    _s(
+        "auth.previous_keys",
+        str,
+        "",
+        "Comma-separated former values of GUARDIAN_SECRET_KEY: tokens signed with "
+        "them are still accepted, but new tokens are signed with the current key.",
+        env="GUARDIAN_PREVIOUS_KEYS",
+        secret=True,
+    ),
+    _s(
+        "auth.previous_keys_until",
+        str,
+        "",
+        "ISO 8601 time (UTC unless an offset is given) after which tokens signed "
+        "with a previous key are rejected; empty accepts them until they expire.",
+        env="GUARDIAN_PREVIOUS_KEYS_UNTIL",
+    ),
+    _s(
+        "auth.purge_interval",
+        float,
+        3600.0,
+        "Seconds between deletions of expired revocations and refresh tokens "
+        "by the DB writer.",
+        minimum=1,
+        maximum=86400,
     ),
     _s(
         "websocket.heartbeat_timeout",
@@ -547,6 +621,12 @@ def load_settings(
     values["auth.secret_key"] = _resolve_secret(
         values["auth.secret_key"], values["server.env"], var_dir, create_dev_key
     )
+    from .auth.keys import parse_previous_keys, parse_until
+
+    parse_previous_keys(values["auth.previous_keys"], env_name=values["server.env"])
+    parse_until(values["auth.previous_keys_until"])
+    backup_dir = values["backup.dir"] or str(var_dir / "backups")
+    values["backup.dir"] = str(_resolve_path(backup_dir, Path.cwd()).resolve())
     return Settings(values=values, config_file=config_file)
 
 

@@ -21,10 +21,11 @@ import trio
 
 from deeperhub import __version__
 from deeperhub.errors import SupervisionError
-from deeperhub.ipc import serve_unix
+from deeperhub.ipc import RemoteError, serve_unix
 
 from .childspec import Strategy
 from .control import ControlServer
+from .nested import supervisor_spec
 from .tree import Supervisor
 from .worker_process import worker_spec
 
@@ -34,17 +35,19 @@ if TYPE_CHECKING:
 
     from deeperhub.config import Settings
 
-__all__ = ["WORKERS", "InstanceLocked", "run"]
+__all__ = ["WORKERS", "DaemonTree", "InstanceLocked", "leaf_workers", "run"]
 
 log = logging.getLogger("deeperhub.supervisor")
 
-# Start order; stop order is the reverse.
+# Start order; stop order is the reverse. The acceptors start last, under a
+# nested supervisor of their own.
 WORKERS = (
     ("db_writer", "workers.db_writer"),
     ("alert_dispatcher", "workers.alert_dispatcher"),
     ("security_monitor", "workers.security_monitor"),
-    ("acceptor", "workers.acceptor"),
 )
+# Seconds a forwarded worker request (`worker_call`) may take by default.
+WORKER_CALL_TIMEOUT = 5.0
 
 EXIT_OK = 0
 EXIT_GAVE_UP = 1
@@ -98,71 +101,149 @@ def _prepare_metrics_dir(settings: Settings) -> dict[str, str]:
     return {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
 
 
-async def _serve(settings: Settings, metrics_env: dict[str, str]) -> int:
-    from deeperhub import metrics
+def _acceptor_ids(settings: Settings) -> list[str]:
+    return [f"acceptor-{n}" for n in range(1, int(settings["server.acceptors"]) + 1)]
 
-    started_at = time.time()
-    tree: Supervisor | None = None
 
-    async def handle_request(op: str, args: dict[str, Any]) -> Any:
-        if op == "status":
-            return {
-                "supervisor": {
-                    "pid": os.getpid(),
-                    "version": __version__,
-                    "started_at": started_at,
-                    "uptime": time.time() - started_at,
-                    "stopping": tree.stopping if tree else False,
-                },
-                "workers": tree.status() if tree else {},
-            }
-        if op == "ping":
-            return {}
-        from deeperhub.ipc import RemoteError
+def leaf_workers(status: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a tree status into {worker id: state} for worker processes only."""
+    flat: dict[str, Any] = {}
+    for child_id, child in status.items():
+        if child.get("children"):
+            flat.update(leaf_workers(child["children"]))
+        elif child.get("type") == "worker":
+            flat[child_id] = child
+    return flat
 
-        raise RemoteError("invalid", f"unknown op {op}")
 
-    control = ControlServer(handle_request)
+class DaemonTree:
+    """The daemon's supervision tree and the requests its control socket serves.
 
-    def on_restart(child_id: str, status: int) -> None:
-        metrics.WORKER_RESTARTS.labels(worker=child_id).inc()
+    ```
+    deeperhub (one_for_one)
+    ├── db_writer
+    ├── alert_dispatcher
+    ├── security_monitor
+    └── acceptors (one_for_one)
+        └── acceptor-1 … acceptor-N
+    ```
+    """
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            serve_unix, settings.socket_path("supervisor"), control.handle_connection
-        )
-        specs = [
-            worker_spec(worker_id, module, settings, control, nursery, metrics_env)
-            for worker_id, module in WORKERS
-        ]
-        tree = Supervisor(
-            name="deeperhub",
+    def __init__(self, settings: Settings, metrics_env: dict[str, str]) -> None:
+        self.settings = settings
+        self.metrics_env = metrics_env
+        self.started_at = time.time()
+        self.control = ControlServer(self.handle_request)
+        self.tree: Supervisor | None = None
+        self.pids: dict[str, int | None] = {}
+
+    def _supervisor(self, name: str, specs: list[Any]) -> Supervisor:
+        from deeperhub import metrics
+
+        def on_restart(child_id: str, status: int) -> None:
+            metrics.WORKER_RESTARTS.labels(worker=child_id).inc()
+
+        return Supervisor(
+            name=name,
             specs=specs,
             strategy=Strategy.ONE_FOR_ONE,
-            intensity=int(settings["supervisor.intensity"]),
-            period=float(settings["supervisor.period"]),
+            intensity=int(self.settings["supervisor.intensity"]),
+            period=float(self.settings["supervisor.period"]),
             on_restart=on_restart,
         )
-        exit_code = EXIT_OK
+
+    def build(self, nursery: trio.Nursery) -> Supervisor:
+        settings = self.settings
+
+        def worker(worker_id: str, module: str) -> Any:
+            return worker_spec(
+                worker_id, module, settings, self.control, nursery, self.metrics_env
+            )
+
+        def make_acceptors() -> Supervisor:
+            specs = [worker(i, "workers.acceptor") for i in _acceptor_ids(settings)]
+            return self._supervisor("acceptors", specs)
+
+        specs = [worker(worker_id, module) for worker_id, module in WORKERS]
+        specs.append(supervisor_spec("acceptors", make_acceptors, nursery))
+        self.tree = self._supervisor("deeperhub", specs)
+        return self.tree
+
+    def status(self) -> dict[str, Any]:
+        tree = self.tree.status() if self.tree else {}
+        return {
+            "supervisor": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "started_at": self.started_at,
+                "uptime": time.time() - self.started_at,
+                "stopping": self.tree.stopping if self.tree else False,
+            },
+            "workers": leaf_workers(tree),
+            "tree": tree,
+        }
+
+    async def handle_request(self, op: str, args: dict[str, Any]) -> Any:
+        if op == "status":
+            return self.status()
+        if op == "ping":
+            return {}
+        if op == "stop":
+            reason = "restart" if args.get("reason") == "restart" else "shutdown"
+            log.info("stop requested over the control socket (%s)", reason)
+            assert self.tree is not None
+            trio.lowlevel.spawn_system_task(self.tree.shutdown, reason)
+            return {}
+        if op == "worker_call":
+            return await self._worker_call(args)
+        raise RemoteError("invalid", f"unknown op {op}")
+
+    async def _worker_call(self, args: dict[str, Any]) -> Any:
+        """Forward a request to a worker (for `remote` and the CLI)."""
+        worker_id = str(args.get("worker"))
+        worker = leaf_workers(self.tree.status() if self.tree else {}).get(worker_id)
+        if worker is None or worker.get("pid") is None:
+            raise RemoteError("not_found", f"no running worker {worker_id!r}")
+        peer = self.control.peer(worker_id, int(worker["pid"]))
+        if peer is None:
+            raise RemoteError("not_found", f"worker {worker_id!r} is not connected")
+        call_args = args.get("args")
+        return await peer.call(
+            str(args.get("op")),
+            timeout=float(args.get("timeout") or WORKER_CALL_TIMEOUT),
+            **(call_args if isinstance(call_args, dict) else {}),
+        )
+
+    async def publish_worker_up(self) -> None:
+        from deeperhub import metrics
+
+        while True:
+            for worker_id, worker in self.status()["workers"].items():
+                up = 1 if worker["state"] == "running" else 0
+                metrics.WORKER_UP.labels(worker=worker_id).set(up)
+            await trio.sleep(1)
+
+
+async def _serve(settings: Settings, metrics_env: dict[str, str]) -> int:
+    daemon = DaemonTree(settings, metrics_env)
+    exit_code = EXIT_OK
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            serve_unix,
+            settings.socket_path("supervisor"),
+            daemon.control.handle_connection,
+        )
+        tree = daemon.build(nursery)
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("received %s, stopping", signal.Signals(signum).name)
-                    assert tree is not None
                     await tree.shutdown()
                     return
 
-        async def publish_worker_up() -> None:
-            while True:
-                assert tree is not None
-                for child_id, child in tree.children.items():
-                    up = 1 if child.state == "running" else 0
-                    metrics.WORKER_UP.labels(worker=child_id).set(up)
-                await trio.sleep(1)
-
         nursery.start_soon(watch_signals)
-        nursery.start_soon(publish_worker_up)
+        nursery.start_soon(daemon.publish_worker_up)
         try:
             await tree.run()
             log.info("all workers stopped")

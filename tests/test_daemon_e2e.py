@@ -91,7 +91,7 @@ def test_health_reports_every_worker(daemon: Daemon) -> None:
         "db_writer",
         "alert_dispatcher",
         "security_monitor",
-        "acceptor",
+        "acceptor-1",
     }
 
 
@@ -144,7 +144,7 @@ def test_websocket_rejects_bad_token(daemon: Daemon) -> None:
 
 
 @pytest.mark.parametrize(
-    "worker", ["db_writer", "alert_dispatcher", "security_monitor", "acceptor"]
+    "worker", ["db_writer", "alert_dispatcher", "security_monitor", "acceptor-1"]
 )
 def test_killed_worker_is_restarted(daemon: Daemon, worker: str) -> None:
     old_pid = daemon.worker_pid(worker)

@@ -30,8 +30,6 @@ __all__ = ["serve"]
 
 log = logging.getLogger("deeperhub.acceptor")
 
-# Seconds in-flight HTTP requests get to finish once the acceptor stops.
-DRAIN_TIMEOUT = 5.0
 # Back-off between attempts to reach the DB writer while it restarts, seconds.
 RECONNECT_DELAY = 0.05
 RECONNECT_DELAY_MAX = 1.0
@@ -67,12 +65,18 @@ async def serve(ctx: WorkerContext) -> None:
             app = create_app(services)
             host = str(settings["server.host"])
             port = int(settings["server.port"])
-            sock = await open_listen_socket(host, port, reuse_port=False)
+            reuse_port = int(settings["server.acceptors"]) > 1
+            sock = await open_listen_socket(host, port, reuse_port=reuse_port)
             listener = Listener(services, app)
             async with trio.open_nursery() as serving:
                 # The listener stops accepting as soon as `stopping` is set and
                 # returns once in-flight HTTP requests drained.
-                await serving.start(listener.serve, sock, ctx.stopping, DRAIN_TIMEOUT)
+                await serving.start(
+                    listener.serve,
+                    sock,
+                    ctx.stopping,
+                    float(settings["server.drain_timeout"]),
+                )
                 log.info("acceptor listening on http://%s:%d", host, port)
                 await ctx.ready()
                 await ctx.stopping.wait()
