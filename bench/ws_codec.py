@@ -1,8 +1,8 @@
 """Micro benchmark of the WebSocket frame codec in deeperhub/ws/frames.py.
 
 Reports how many small masked text frames per second FrameParser.feed parses,
-how fast it unmasks large binary frames, and how fast the encoder builds text
-frames. Run from the repository root:
+its throughput on 1 MiB masked binary frames, and how fast the encoder builds
+small text frames and 64 KiB binary frames. Run from the repository root:
 
     .venv/bin/python bench/ws_codec.py
 
@@ -35,7 +35,7 @@ __all__ = ["main"]
 
 
 def mask_client_frame(frame: bytes, mask: bytes) -> bytes:
-    """Convert an unmasked server frame with a short header into a masked one."""
+    """Turn an unmasked server frame into the masked frame a client would send."""
     length = frame[1]
     if length >= 126:
         header_size = 4 if length == 126 else 10
@@ -44,9 +44,7 @@ def mask_client_frame(frame: bytes, mask: bytes) -> bytes:
     payload = frame[header_size:]
     key = (mask * (len(payload) // 4 + 1))[: len(payload)]
     masked = bytes(byte ^ key_byte for byte, key_byte in zip(payload, key, strict=True))
-    return (
-        bytes((frame[0], frame[1] | 0x80)) + frame[2:header_size] + mask + masked
-    )
+    return bytes((frame[0], frame[1] | 0x80)) + frame[2:header_size] + mask + masked
 
 
 def best_time(function: Callable[[], object], repeat: int) -> float:
@@ -60,6 +58,7 @@ def best_time(function: Callable[[], object], repeat: int) -> float:
 
 
 def bench_parse_small(count: int, size: int, chunk: int, repeat: int) -> None:
+    """Print the rate of parsing masked text frames, fed `chunk` bytes per call."""
     frame = mask_client_frame(encode_text("x" * size), os.urandom(4))
     stream = frame * count
     chunks = [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
@@ -73,30 +72,38 @@ def bench_parse_small(count: int, size: int, chunk: int, repeat: int) -> None:
 
     seconds = best_time(run, repeat)
     print(
-        f"parse  {size}-byte masked text frames, {chunk}-byte reads: "
+        f"parse  {size}-byte masked text frames, {chunk:5}-byte reads: "
         f"{count / seconds:12,.0f} frames/s"
     )
 
 
-def bench_parse_large(count: int, size: int, repeat: int) -> None:
-    frame = mask_client_frame(encode_frame(Opcode.BINARY, os.urandom(size)), b"abcd")
+def bench_parse_large(count: int, size: int, chunk: int, repeat: int) -> None:
+    """Print the rate of parsing masked binary frames of `size` bytes."""
+    payload = os.urandom(size)
+    frame = mask_client_frame(encode_frame(Opcode.BINARY, payload), os.urandom(4))
     stream = frame * count
+    chunks = [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
 
     def run() -> None:
         parser = FrameParser(max_message_size=size)
-        assert len(parser.feed(stream)) == count
+        events = 0
+        for data in chunks:
+            events += len(parser.feed(data))
+        assert events == count, events
 
     seconds = best_time(run, repeat)
-    megabytes = size * count / 1e6
     print(
-        f"parse  {size // 1024} KiB masked binary frames:           "
-        f"{megabytes / seconds:12,.0f} MB/s"
+        f"parse  {size >> 10} KiB masked binary frames, {chunk}-byte reads: "
+        f"{size * count / seconds / 1e6:12,.0f} MB/s"
     )
 
 
 def bench_encode(count: int, size: int, repeat: int) -> None:
+    """Print the rate of encoding small text frames and large binary frames."""
     text = "x" * size
     data = text.encode()
+    large = os.urandom(1 << 16)
+    large_count = 2_000
 
     def run_str() -> None:
         for _ in range(count):
@@ -106,27 +113,51 @@ def bench_encode(count: int, size: int, repeat: int) -> None:
         for _ in range(count):
             encode_text(data)
 
+    def run_large() -> None:
+        for _ in range(large_count):
+            encode_frame(Opcode.BINARY, large)
+
     for label, function in (("str", run_str), ("bytes", run_bytes)):
         seconds = best_time(function, repeat)
         print(
-            f"encode {size}-byte text frames from {label}:{' ' * (16 - len(label))}"
+            f"encode {size}-byte text frames from {label:5}: "
             f"{count / seconds:12,.0f} frames/s"
         )
+    seconds = best_time(run_large, repeat)
+    print(
+        f"encode 64 KiB binary frames: "
+        f"{len(large) * large_count / seconds / 1e6:12,.0f} MB/s"
+    )
 
 
 def main() -> None:
     """Parse the options and print one line per measurement."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=200_000, help="small frames")
-    parser.add_argument("--size", type=int, default=32, help="small payload bytes")
-    parser.add_argument("--chunk", type=int, default=65536, help="bytes per feed")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per figure")
+    parser.add_argument(
+        "--count", type=int, default=200_000, help="number of small frames per run"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=32,
+        help="payload size of the small frames, in bytes",
+    )
+    parser.add_argument(
+        "--chunk", type=int, default=65536, help="bytes passed to each feed call"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help="timed runs per figure, the fastest is shown",
+    )
     options = parser.parse_args()
 
     print(f"Python {sys.version.split()[0]}, best of {options.repeat} runs")
     bench_parse_small(options.count, options.size, options.chunk, options.repeat)
-    bench_parse_small(options.count, options.size, 1, 1) if False else None
-    bench_parse_large(64, 1 << 20, options.repeat)
+    frame_size = len(encode_text("x" * options.size)) + 4
+    bench_parse_small(options.count, options.size, frame_size, options.repeat)
+    bench_parse_large(64, 1 << 20, options.chunk, options.repeat)
     bench_encode(options.count, options.size, options.repeat)
 
 
