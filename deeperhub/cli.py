@@ -310,28 +310,63 @@ def config_reference() -> None:
     click.echo(render_configuration_reference(), nl=False)
 
 
-@main.command()
-def remote() -> None:
-    """Open an interactive console showing the running daemon's state."""
-    settings = _settings()
-    result = _query_status(settings)
-    if result is None:
-        click.echo("DeeperHub is not running", err=True)
-        sys.exit(EXIT_NOT_RUNNING)
+@main.group(invoke_without_command=True)
+@click.pass_context
+def remote(ctx: click.Context) -> None:
+    """Open a Python console attached to the running daemon.
+
+    The console offers helpers such as status(), connections(),
+    presence("channel:NAME"), disconnect(USER_ID) and block_ip(IP); help()
+    lists them. `remote eval EXPR` evaluates one expression and prints it.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     import code
 
-    # TODO: the console runs in this CLI process and reads state through the
-    # supervisor socket; helpers that act on the daemon (disconnect a user,
-    # block an IP) are not there yet.
+    from .remote import HELP
+
+    settings = _settings()
+    session = _remote_session(settings)
+    pid = session.status()["supervisor"]["pid"]
+    namespace = session.namespace()
+    namespace["help"] = lambda: print(HELP)
     banner = (
-        f"DeeperHub {__version__} remote console (supervisor pid "
-        f"{result['supervisor']['pid']}).\n"
-        "status() returns the supervisor and worker status. Ctrl-D leaves."
+        f"DeeperHub {__version__} remote console, supervisor pid {pid}.\n"
+        f"{HELP}Ctrl-D leaves."
     )
-    code.interact(
-        banner=banner,
-        local={"status": lambda: _query_status(settings), "settings": settings},
-    )
+    code.interact(banner=banner, local=namespace, exitmsg="")
+
+
+def _remote_session(settings: Settings) -> Any:
+    from .ipc import RemoteError
+    from .remote import RemoteSession
+
+    session = RemoteSession(settings)
+    try:
+        session.status()
+    except (OSError, RemoteError, TimeoutError) as exc:
+        click.echo(f"DeeperHub is not running ({exc})", err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+    return session
+
+
+@remote.command("eval")
+@click.argument("expression")
+def remote_eval(expression: str) -> None:
+    """Evaluate EXPRESSION with the console's helpers and print the result."""
+    from .ipc import RemoteError
+    from .remote import format_result
+
+    session = _remote_session(_settings())
+    try:
+        value = eval(expression, session.namespace())  # noqa: S307 (operator input)
+    except RemoteError as exc:
+        click.echo(f"deeperhub remote: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        click.echo(f"deeperhub remote: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(format_result(value))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MessageStream",
     "RemoteError",
+    "RequestHandler",
     "RpcClient",
     "encode_message",
     "open_rpc_client",
@@ -188,7 +189,7 @@ class RpcClient:
         self.closed = False
         self.closed_event = trio.Event()
 
-    async def call(self, op: str, timeout: float = math.inf, **args: Any) -> Any:
+    async def call(self, op: str, /, timeout: float = math.inf, **args: Any) -> Any:
         """Send request `op` and return its result, raising RemoteError on error."""
         if self.closed:
             raise trio.ClosedResourceError(f"IPC connection closed before {op}")
@@ -272,11 +273,18 @@ async def open_rpc_client(
     """Connect to `path` and yield an RpcClient with its receiver running."""
     messages = await open_unix_stream(path)
     client = RpcClient(messages, event_buffer, request_handler)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.run_receiver)
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):
-                await messages.aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run_receiver)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await messages.aclose()
+    except BaseExceptionGroup as group:
+        # The receiver task ends quietly, so a group here holds the caller's
+        # own exception: hand it back unwrapped (RemoteError, TooSlowError, ...).
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

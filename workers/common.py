@@ -22,7 +22,7 @@ import trio
 
 from deeperhub.config import Settings, load_settings
 from deeperhub.errors import ConfigError
-from deeperhub.ipc import RpcClient, open_rpc_client
+from deeperhub.ipc import RemoteError, RequestHandler, RpcClient, open_rpc_client
 from deeperhub.logs import APPLICATION_LOG, configure_logging
 
 __all__ = ["WorkerContext", "run_worker"]
@@ -44,6 +44,9 @@ class WorkerContext:
     # Connection to the supervisor; None when the worker runs on its own (tests).
     supervisor: RpcClient | None = None
     is_ready: trio.Event = field(default_factory=trio.Event)
+    # Requests the supervisor forwards to this worker (`worker_call`, used by
+    # `bin/deeperhub remote`), by op name. `ping` is always answered.
+    handlers: dict[str, RequestHandler] = field(default_factory=dict)
 
     async def ready(self) -> None:
         """Report to the supervisor that this worker serves requests now."""
@@ -77,12 +80,22 @@ def _die_with_parent() -> None:
         log.warning("could not set PR_SET_PDEATHSIG; relying on the control socket")
 
 
-async def _handle_supervisor_request(op: str, args: dict[str, Any]) -> Any:
-    if op == "ping":
-        return {}
-    from deeperhub.ipc import RemoteError
+def _supervisor_request_handler(ctx: WorkerContext) -> RequestHandler:
+    async def handle(op: str, args: dict[str, Any]) -> Any:
+        if op == "ping":
+            return {}
+        handler = ctx.handlers.get(op)
+        if handler is None:
+            raise RemoteError("invalid", f"unknown op {op} for worker {ctx.worker_id}")
+        try:
+            return await handler(op, args)
+        except RemoteError:
+            raise
+        except Exception as exc:
+            log.exception("request %s to worker %s failed", op, ctx.worker_id)
+            raise RemoteError("internal_error", f"{op} failed: {exc}") from exc
 
-    raise RemoteError("invalid", f"unknown op {op}")
+    return handle
 
 
 async def _watch_signals(ctx: WorkerContext) -> None:
@@ -114,7 +127,7 @@ async def _run(worker_id: str, serve: Serve, settings: Settings) -> None:
         nursery.start_soon(_watch_signals, ctx)
         if socket_path:
             client_cm = open_rpc_client(
-                socket_path, request_handler=_handle_supervisor_request
+                socket_path, request_handler=_supervisor_request_handler(ctx)
             )
             ctx.supervisor = await nursery.start(_hold_client, client_cm)
             nursery.start_soon(_watch_supervisor, ctx, ctx.supervisor)

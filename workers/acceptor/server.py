@@ -16,6 +16,7 @@ from deeperhub.storage.reads import open_read_pool
 from .http_app import create_app
 from .hub import Hub
 from .listener import Listener, open_listen_socket
+from .remote_ops import register_remote_ops
 from .services import Services
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ async def serve(ctx: WorkerContext) -> None:
         settings.db_path, int(settings["database.pool_size"])
     ) as reads:
         hub = Hub(settings)
+        register_remote_ops(ctx, hub)
         async with trio.open_nursery() as nursery:
             db = await nursery.start(_keep_db_client, settings, None)
             services = Services(
