@@ -369,5 +369,15 @@ def remote_eval(expression: str) -> None:
     click.echo(format_result(value))
 
 
+from .cli_data import backup, restore, tokens  # noqa: E402
+
+main.add_command(tokens)
+main.add_command(backup)
+main.add_command(restore)
+
+from .cli_security import security_group  # noqa: E402
+
+main.add_command(security_group)
+
 if __name__ == "__main__":
     main(prog_name="deeperhub")

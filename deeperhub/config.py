@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .security.config import validate_security_settings
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -39,7 +40,7 @@ class Setting:
     """One configurable value: where it is read from and what it may be."""
 
     key: str  # "section.name" in etc/deeperhub.toml
-    kind: type  # int, float, str or bool
+    kind: type  # int, float, str, bool, or tuple (a list of strings)
     default: Any
     help: str
     env: str | None = None
@@ -50,6 +51,10 @@ class Setting:
 
     def describe_allowed(self) -> str:
         """Return what values are allowed, for error messages and docs."""
+        if self.kind is tuple:
+            if self.choices:
+                return "a list of " + ", ".join(self.choices)
+            return "a list of strings (TOML array, or comma-separated)"
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.kind is bool:
@@ -117,10 +122,11 @@ SETTINGS: tuple[Setting, ...] = (
     _s(
         "server.acceptors",
         int,
-        1,
-        "Acceptor processes sharing the port (SO_REUSEPORT).",
+        0,
+        "Acceptor processes sharing the port (SO_REUSEPORT); 0 starts one per "
+        "CPU core the process may run on.",
         env="DEEPERHUB_ACCEPTORS",
-        minimum=1,
+        minimum=0,
         maximum=64,
     ),
     _s(
@@ -296,6 +302,16 @@ SETTINGS: tuple[Setting, ...] = (
         env="GUARDIAN_PREVIOUS_KEYS_UNTIL",
     ),
     _s(
+        "auth.refresh_reuse_grace",
+        int,
+        2,
+        "Seconds after a refresh token's first use during which presenting it "
+        "again is refused without revoking its family (concurrent refreshes of "
+        "one client); later reuse revokes every token of the login.",
+        minimum=0,
+        maximum=60,
+    ),
+    _s(
         "auth.purge_interval",
         float,
         3600.0,
@@ -350,9 +366,73 @@ SETTINGS: tuple[Setting, ...] = (
         "websocket.replay_limit",
         int,
         1000,
-        "Maximum stored messages replayed on a join with `last_seen_id`.",
+        "Maximum stored messages replayed on a join with `last_seen_id` or "
+        "`last_seen_seq`; with more missed, the newest ones are replayed and the "
+        "reply says `recovered: false`.",
         minimum=0,
         maximum=100_000,
+    ),
+    _s(
+        "websocket.max_fragments",
+        int,
+        1024,
+        "Maximum frames in one fragmented WebSocket message; more gets close "
+        "code 1009.",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    _s(
+        "websocket.max_joins_per_user",
+        int,
+        50,
+        "Maximum distinct topics one user has joined, over all its connections "
+        "and acceptors.",
+        minimum=1,
+        maximum=10000,
+    ),
+    _s(
+        "websocket.max_pending_pushes",
+        int,
+        64,
+        "Pushes of one connection awaiting their database commit before the "
+        "server stops reading from that connection.",
+        minimum=1,
+        maximum=10000,
+    ),
+    _s(
+        "retention.max_messages",
+        int,
+        0,
+        "Messages kept per channel by default; older ones are deleted. 0 keeps "
+        "every message. A channel's own retention overrides it.",
+        minimum=0,
+        maximum=1_000_000_000,
+    ),
+    _s(
+        "retention.max_age",
+        int,
+        0,
+        "Seconds a message is kept by default; older ones are deleted. 0 keeps "
+        "messages regardless of age. A channel's own retention overrides it.",
+        minimum=0,
+        maximum=100 * 365 * 86400,
+    ),
+    _s(
+        "retention.interval",
+        float,
+        60.0,
+        "Seconds between the DB writer's retention passes.",
+        minimum=0.05,
+        maximum=86400,
+    ),
+    _s(
+        "retention.batch",
+        int,
+        1000,
+        "Messages deleted per transaction by a retention pass; other writes are "
+        "committed between batches.",
+        minimum=1,
+        maximum=1_000_000,
     ),
     _s(
         "security.rate_limit_api",
@@ -373,11 +453,354 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=1_000_000,
     ),
     _s(
+        "security.trusted_proxies",
+        tuple,
+        (),
+        "Addresses or CIDR networks of reverse proxies whose proxy header "
+        "(`proxy_header`) names the client; empty: the client is the socket peer.",
+        env="DEEPER_HUB_SECURITY_TRUSTED_PROXIES",
+    ),
+    _s(
+        "security.proxy_header",
+        str,
+        "x-forwarded-for",
+        "Header that the trusted proxies set, read from the right; the other "
+        "one is ignored.",
+        choices=("x-forwarded-for", "forwarded"),
+    ),
+    _s(
+        "security.allowlist",
+        tuple,
+        (),
+        "Addresses or CIDR networks that are never blocked or rate limited; their "
+        "security events are still recorded.",
+        env="DEEPER_HUB_SECURITY_ALLOWLIST",
+    ),
+    _s(
+        "security.ws_flood_close_after",
+        int,
+        20,
+        "Rejected WebSocket messages of one user within a minute after which "
+        "the connection is closed with 1008.",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    _s(
+        "security.inspect_message_bodies",
+        bool,
+        False,
+        "Apply the payload rules to chat message bodies too (they are stored as "
+        "sent otherwise).",
+    ),
+    _s(
+        "security.max_json_depth",
+        int,
+        32,
+        "Maximum nesting depth of a JSON request body; deeper is a malicious payload.",
+        minimum=1,
+        maximum=1000,
+    ),
+    _s(
+        "security.max_tracked_ips",
+        int,
+        100_000,
+        "IPs (or users) remembered per rate limit, counter and score table; "
+        "past that the least recently seen are forgotten.",
+        minimum=100,
+        maximum=10_000_000,
+    ),
+    _s(
+        "anomaly_detection.login_failure_threshold",
+        int,
+        5,
+        "Failed logins from one IP within `login_failure_window` that block it.",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    _s(
+        "anomaly_detection.login_failure_window",
+        float,
+        300.0,
+        "Window in seconds for `login_failure_threshold`.",
+        minimum=0.1,
+        maximum=604_800,
+    ),
+    _s(
+        "anomaly_detection.not_found_threshold",
+        int,
+        10,
+        "404 responses to one IP within `not_found_window` that block it.",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    _s(
+        "anomaly_detection.not_found_window",
+        float,
+        60.0,
+        "Window in seconds for `not_found_threshold`.",
+        minimum=0.1,
+        maximum=604_800,
+    ),
+    _s(
+        "anomaly_detection.malicious_payload_threshold",
+        int,
+        3,
+        "Malicious payloads from one IP within `malicious_payload_window` that "
+        "block it.",
+        minimum=1,
+        maximum=1_000_000,
+    ),
+    _s(
+        "anomaly_detection.malicious_payload_window",
+        float,
+        600.0,
+        "Window in seconds for `malicious_payload_threshold`.",
+        minimum=0.1,
+        maximum=604_800,
+    ),
+    _s(
+        "anomaly_detection.block_duration",
+        float,
+        900.0,
+        "Seconds an IP is blocked for its first offence.",
+        minimum=0.1,
+        maximum=31_536_000,
+    ),
+    _s(
+        "anomaly_detection.block_multiplier",
+        float,
+        2.0,
+        "Factor applied to the block duration for each repeated offence.",
+        minimum=1,
+        maximum=100,
+    ),
+    _s(
+        "anomaly_detection.max_block_duration",
+        float,
+        86_400.0,
+        "Longest block in seconds, however often an IP offends.",
+        minimum=0.1,
+        maximum=31_536_000,
+    ),
+    _s(
+        "anomaly_detection.offence_reset",
+        float,
+        86_400.0,
+        "Seconds after a block ended after which the next offence of the IP "
+        "counts as its first again.",
+        minimum=0,
+        maximum=31_536_000,
+    ),
+    _s(
+        "ip_reputation.high_risk_threshold",
+        int,
+        30,
+        "Score below which an IP is blocked until it recovers.",
+        minimum=0,
+        maximum=100,
+    ),
+    _s(
+        "ip_reputation.medium_risk_threshold",
+        int,
+        60,
+        "Score below which the rate limits of an IP are halved.",
+        minimum=0,
+        maximum=100,
+    ),
+    _s(
+        "ip_reputation.check_interval",
+        int,
+        60_000,
+        "Milliseconds between recomputations of every score (recovery, risk "
+        "levels, expired blocks).",
+        minimum=100,
+        maximum=86_400_000,
+    ),
+    _s(
+        "ip_reputation.recovery_per_hour",
+        float,
+        10.0,
+        "Points a score recovers per hour, up to 100; 0 disables recovery.",
+        minimum=0,
+        maximum=100_000,
+    ),
+    _s(
+        "ip_reputation.login_failure_penalty",
+        float,
+        5.0,
+        "Points lost per failed login.",
+        minimum=0,
+        maximum=100,
+    ),
+    _s(
+        "ip_reputation.not_found_penalty",
+        float,
+        2.0,
+        "Points lost per 404 response.",
+        minimum=0,
+        maximum=100,
+    ),
+    _s(
+        "ip_reputation.malicious_payload_penalty",
+        float,
+        10.0,
+        "Points lost per malicious payload.",
+        minimum=0,
+        maximum=100,
+    ),
+    _s(
+        "ip_reputation.block_penalty",
+        float,
+        20.0,
+        "Points lost per block (automatic or manual).",
+        minimum=0,
+        maximum=100,
+    ),
+    _s(
         "security_alerts.webhook_url",
         str,
         "",
         "URL that receives security alerts as signed JSON; empty disables the webhook.",
         env="DEEPER_HUB_SECURITY_ALERT_WEBHOOK",
+    ),
+    _s(
+        "security_alerts.notification_channels",
+        tuple,
+        ("log",),
+        "Alert channels: `log` (always on), `webhook` (also on when "
+        "`webhook_url` is set), `email`.",
+        env="DEEPER_HUB_SECURITY_ALERT_CHANNELS",
+        choices=("log", "webhook", "email"),
+    ),
+    _s(
+        "security_alerts.webhook_secret",
+        str,
+        "",
+        "HMAC-SHA256 key that signs webhook bodies; required with a webhook.",
+        env="DEEPER_HUB_SECURITY_ALERT_WEBHOOK_SECRET",
+        secret=True,
+    ),
+    _s(
+        "security_alerts.webhook_timeout",
+        float,
+        5.0,
+        "Seconds a webhook delivery may take before it counts as failed.",
+        minimum=0.1,
+        maximum=300,
+    ),
+    _s(
+        "security_alerts.smtp_host",
+        str,
+        "",
+        "SMTP server for the email channel.",
+    ),
+    _s(
+        "security_alerts.smtp_port",
+        int,
+        587,
+        "SMTP server port.",
+        minimum=1,
+        maximum=65535,
+    ),
+    _s(
+        "security_alerts.smtp_security",
+        str,
+        "starttls",
+        "`starttls` upgrades the connection, `tls` connects with TLS (port "
+        "465), `none` sends in clear text.",
+        choices=("starttls", "tls", "none"),
+    ),
+    _s(
+        "security_alerts.smtp_username",
+        str,
+        "",
+        "SMTP login; empty skips authentication.",
+    ),
+    _s(
+        "security_alerts.smtp_password",
+        str,
+        "",
+        "SMTP password.",
+        env="DEEPER_HUB_SECURITY_SMTP_PASSWORD",
+        secret=True,
+    ),
+    _s(
+        "security_alerts.smtp_timeout",
+        float,
+        10.0,
+        "Seconds an email delivery may take before it counts as failed.",
+        minimum=0.1,
+        maximum=300,
+    ),
+    _s(
+        "security_alerts.smtp_ca_file",
+        str,
+        "",
+        "PEM file of the CA certificates that verify the SMTP server; empty uses "
+        "the system's.",
+    ),
+    _s(
+        "security_alerts.email_sender",
+        str,
+        "",
+        "`From` address of alert emails.",
+    ),
+    _s(
+        "security_alerts.email_recipients",
+        tuple,
+        (),
+        "Addresses that receive alert emails.",
+        env="DEEPER_HUB_SECURITY_ALERT_EMAIL_TO",
+    ),
+    _s(
+        "security_alerts.min_severity",
+        str,
+        "warning",
+        "Lowest severity sent to the webhook and email channels; the log gets "
+        "every alert.",
+        choices=("info", "warning", "critical"),
+    ),
+    _s(
+        "security_alerts.group_window",
+        float,
+        300.0,
+        "Seconds during which repeats of an alert type for one IP are counted "
+        "into one follow-up alert; 0 disables grouping.",
+        minimum=0,
+        maximum=86_400,
+    ),
+    _s(
+        "security_alerts.retry_base_delay",
+        float,
+        1.0,
+        "Seconds before the first retry of a failed delivery; each retry doubles it.",
+        minimum=0.01,
+        maximum=3600,
+    ),
+    _s(
+        "security_alerts.retry_max_delay",
+        float,
+        300.0,
+        "Longest wait in seconds between two delivery attempts.",
+        minimum=0.1,
+        maximum=86_400,
+    ),
+    _s(
+        "security_alerts.delivery_deadline",
+        float,
+        86_400.0,
+        "Seconds after an alert during which its delivery is retried; then it is "
+        "marked failed.",
+        minimum=1,
+        maximum=2_592_000,
+    ),
+    _s(
+        "security_alerts.retention_days",
+        int,
+        90,
+        "Days security events and their delivery records are kept.",
+        minimum=1,
+        maximum=36_500,
     ),
     _s(
         "supervisor.intensity",
@@ -427,12 +850,29 @@ SETTINGS: tuple[Setting, ...] = (
         minimum=0.5,
         maximum=3600,
     ),
+    _s(
+        "metrics.enabled",
+        bool,
+        True,
+        "Serve Prometheus metrics at `/metrics` on the HTTP port; false answers 404.",
+        env="DEEPERHUB_METRICS_ENABLED",
+    ),
+    _s(
+        "metrics.supervisor_timeout",
+        float,
+        1.0,
+        "Seconds `/metrics` waits for the supervisor's list of worker pids; "
+        "after that only the answering acceptor's process series are shown.",
+        minimum=0.05,
+        maximum=30,
+    ),
 )
 
 _BY_KEY = {setting.key: setting for setting in SETTINGS}
 
-# Sections whose extra keys are validated by the worker that owns them.
-_OPEN_SECTIONS = frozenset({"anomaly_detection", "ip_reputation", "security_alerts"})
+# Sections whose unknown keys are accepted unchecked, for a feature that
+# validates its own keys (none today).
+_OPEN_SECTIONS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -481,6 +921,8 @@ class Settings:
 def _format(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
     return str(value)
 
 
@@ -517,6 +959,16 @@ def _coerce(setting: Setting, raw: Any, source: str) -> Any:
             value = int(raw) if isinstance(raw, int) else int(str(raw).strip(), 10)
         except ValueError:
             raise invalid() from None
+    elif setting.kind is tuple:
+        # A TOML array, or a comma-separated string from an environment variable.
+        if isinstance(raw, str):
+            raw = raw.split(",")
+        if not isinstance(raw, list) or not all(isinstance(i, str) for i in raw):
+            raise invalid()
+        value = tuple(item.strip() for item in raw if item.strip())
+        if setting.choices is not None and not set(value) <= set(setting.choices):
+            raise invalid()
+        return value
     elif setting.kind is float:
         if isinstance(raw, bool):
             raise invalid()
@@ -618,6 +1070,8 @@ def load_settings(
             f"auth.password_max {values['auth.password_max']}"
         )
 
+    validate_security_settings(values)
+
     values["auth.secret_key"] = _resolve_secret(
         values["auth.secret_key"], values["server.env"], var_dir, create_dev_key
     )
@@ -627,7 +1081,18 @@ def load_settings(
     parse_until(values["auth.previous_keys_until"])
     backup_dir = values["backup.dir"] or str(var_dir / "backups")
     values["backup.dir"] = str(_resolve_path(backup_dir, Path.cwd()).resolve())
+    if values["server.acceptors"] == 0:
+        values["server.acceptors"] = _cpu_cores()
     return Settings(values=values, config_file=config_file)
+
+
+def _cpu_cores() -> int:
+    """Return the CPU cores this process may run on, at most 64."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(64, cores))
 
 
 def _resolve_secret(key: str, env_name: str, var_dir: Path, create: bool) -> str:

@@ -30,8 +30,11 @@ def render_configuration_reference() -> str:
     """Return the Markdown table of every setting."""
     rows = []
     for setting in SETTINGS:
-        default = "(empty)" if setting.default == "" else f"`{setting.default}`"
-        if setting.secret:
+        default_value = setting.default
+        if isinstance(default_value, tuple):
+            default_value = ", ".join(default_value)
+        default = "(empty)" if default_value == "" else f"`{default_value}`"
+        if setting.key == "auth.secret_key":
             default = "(generated in dev)"
         env = f"`{setting.env}`" if setting.env else ""
         rows.append(

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from .process_metrics import ErrorCountHandler
+
 if TYPE_CHECKING:
     from .config import Settings
 
@@ -42,6 +44,7 @@ def configure_logging(settings: Settings, filename: str) -> None:
         stream_handler = logging.StreamHandler(sys.stderr)
         stream_handler.setFormatter(formatter)
         root.addHandler(stream_handler)
+    root.addHandler(ErrorCountHandler())
 
     root.setLevel(logging.WARNING)
     logging.getLogger("deeperhub").setLevel(level)

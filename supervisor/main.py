@@ -111,9 +111,24 @@ def leaf_workers(status: dict[str, Any]) -> dict[str, Any]:
     for child_id, child in status.items():
         if child.get("children"):
             flat.update(leaf_workers(child["children"]))
-        elif child.get("type") == "worker":
+        elif child.get("type") == "worker" or child.get("state") != "running":
+            # A nested supervisor that is not running yet has no workers to
+            # list; it stands in for them so /health is not 200 too early.
             flat[child_id] = child
     return flat
+
+
+def _not_started() -> dict[str, Any]:
+    return {
+        "children": None,
+        "state": "starting",
+        "pid": None,
+        "restarts": 0,
+        "started_at": None,
+        "uptime": None,
+        "last_exit": None,
+        "type": "worker",
+    }
 
 
 class DaemonTree:
@@ -171,6 +186,12 @@ class DaemonTree:
 
     def status(self) -> dict[str, Any]:
         tree = self.tree.status() if self.tree else {}
+        workers = leaf_workers(tree)
+        # The nested acceptors supervisor lists its children only once all of
+        # them started. Until then they are reported as starting, so that
+        # /health does not return 200 while an acceptor is still starting.
+        for worker_id in _acceptor_ids(self.settings):
+            workers.setdefault(worker_id, _not_started())
         return {
             "supervisor": {
                 "pid": os.getpid(),
@@ -179,7 +200,7 @@ class DaemonTree:
                 "uptime": time.time() - self.started_at,
                 "stopping": self.tree.stopping if self.tree else False,
             },
-            "workers": leaf_workers(tree),
+            "workers": workers,
             "tree": tree,
         }
 
@@ -221,6 +242,7 @@ class DaemonTree:
             for worker_id, worker in self.status()["workers"].items():
                 up = 1 if worker["state"] == "running" else 0
                 metrics.WORKER_UP.labels(worker=worker_id).set(up)
+            metrics.update_supervisor_series(self.status()["workers"])
             await trio.sleep(1)
 
 

@@ -43,6 +43,12 @@ class Daemon:
                 "DEEPER_HUB_LOG_LEVEL": "info",
                 "DEEPERHUB_LOG_STDERR": "0",
                 # Fast argon2 would change what is tested; keep the defaults.
+                # Every test client is 127.0.0.1, so the security limits and
+                # blocks would hit unrelated tests. The security tests undo
+                # these (tests/security_helpers.py).
+                "DEEPER_HUB_SECURITY_RATE_LIMIT_API": "1000000",
+                "DEEPER_HUB_SECURITY_RATE_LIMIT_WS": "1000000",
+                "DEEPER_HUB_SECURITY_ALLOWLIST": "127.0.0.1,::1",
             }
         )
         self.env.update(env or {})

@@ -60,6 +60,8 @@ def make_settings(var_dir: Path) -> Settings:
     values["server.max_request_body"] = MAX_REQUEST_BODY
     values["websocket.max_body_bytes"] = MAX_BODY_BYTES
     values["database.pool_size"] = 2
+    # Reuse tests present a used refresh token at once, which must count as reuse.
+    values["auth.refresh_reuse_grace"] = 0
     return Settings(values=values, config_file=config_file)
 
 

@@ -7,6 +7,7 @@ streams, whose bytes are parsed back into frames here.
 from __future__ import annotations
 
 import json
+import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from deeperhub.config import Settings, load_settings
 from deeperhub.phoenix.protocol import VSN_1, VSN_2
 from deeperhub.ws.frames import encode_text
 from workers.acceptor import hub as hub_module
-from workers.acceptor.hub import Connection, Hub
+from workers.acceptor.hub import Connection, Hub, connection_budget
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -371,7 +372,7 @@ async def test_pending_join_holds_then_filters(tmp_path: Path) -> None:
         assert client.messages() == []
 
         # The replay sent messages up to 5, so only 6 and later are new.
-        hub.go_live(subscription, after_id=5)
+        hub.go_live(subscription, after_seq=5)
         hub.broadcast_message(TOPIC, stored_message(5))
         hub.broadcast_message(TOPIC, stored_message(7))
         await trio.testing.wait_all_tasks_blocked()
@@ -467,3 +468,65 @@ async def test_reserve_slot_enforces_max_connections(tmp_path: Path) -> None:
     assert not hub.reserve_slot()
     hub.release_slot()
     assert hub.reserve_slot()
+
+
+async def test_direct_write_drains_full_socket(tmp_path: Path) -> None:
+    hub = Hub(make_settings(tmp_path, **{"websocket.send_queue_bytes": 1 << 22}))
+    server_sock, client_sock = trio.socket.socketpair()
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run_flusher)
+        connection = connect(hub, 1, "alice")
+        connection.attach(server_sock)
+        frames = [encode_text(json.dumps([n, "y" * 2000])) for n in range(200)]
+        for frame in frames:
+            assert connection.send(frame)
+        hub.flush()
+        # The kernel took part of it; a drain task owns the rest.
+        assert connection.buffered_bytes > 0
+
+        received = bytearray()
+        expected = sum(len(frame) for frame in frames)
+        with trio.fail_after(5):
+            while len(received) < expected:
+                received += await client_sock.recv(65536)
+        assert bytes(received) == b"".join(frames)
+        assert connection.buffered_bytes == 0
+        connection.detach()
+        nursery.cancel_scope.cancel()
+    server_sock.close()
+    client_sock.close()
+
+
+async def test_write_to_closed_socket_aborts_quietly(tmp_path: Path) -> None:
+    hub = Hub(make_settings(tmp_path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run_flusher)
+        good = Client(connect(hub, 1, "alice")).start(nursery)
+        join(hub, good.connection)
+        server_sock, client_sock = trio.socket.socketpair()
+        gone = connect(hub, 2, "bob")
+        gone.attach(server_sock)
+        join(hub, gone)
+        client_sock.close()
+
+        for message_id in (1, 2, 3):
+            hub.broadcast_message(TOPIC, stored_message(message_id))
+            hub.flush()
+        await trio.testing.wait_all_tasks_blocked()
+        assert gone.close_code == 1006
+        assert gone.close_sent.is_set()
+        ids = [m[4]["id"] for m in good.messages() if m[3] == "new_msg"]
+        assert ids == [1, 2, 3]
+        gone.detach()
+        nursery.cancel_scope.cancel()
+    server_sock.close()
+
+
+def test_connection_budget_splits_total() -> None:
+    shares = [connection_budget(10, 3, f"acceptor-{n}") for n in (1, 2, 3)]
+    assert shares == [4, 3, 3]
+    assert sum(shares) == 10
+    assert connection_budget(10, 1, "acceptor-1") == 10
+    assert connection_budget(10, 3, "acceptor") == 10
+    assert connection_budget(1, 2, "acceptor-2") == 0

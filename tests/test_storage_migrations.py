@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+ALL_VERSIONS = sorted(version for version, _, _ in MIGRATIONS)
 
 
 @pytest.fixture
@@ -62,7 +63,9 @@ def test_migrations_create_schema_and_record_versions(conn: apsw.Connection) -> 
     rows = conn.execute(
         "SELECT version, name, applied_at FROM schema_migrations"
     ).fetchall()
-    assert [(version, name) for version, name, _ in rows] == [(1, "initial schema")]
+    assert [(version, name) for version, name, _ in rows] == [
+        (version, name) for version, name, _ in MIGRATIONS
+    ]
     assert TIMESTAMP.match(rows[0][2])
 
 
@@ -72,7 +75,7 @@ def test_migrations_second_run_applies_nothing(conn: apsw.Connection) -> None:
     schema_before = conn.execute("SELECT sql FROM sqlite_schema").fetchall()
 
     assert apply_migrations(conn) == []
-    assert applied_versions(conn) == [1]
+    assert applied_versions(conn) == ALL_VERSIONS
     assert conn.execute("SELECT sql FROM sqlite_schema").fetchall() == schema_before
 
 
@@ -84,7 +87,7 @@ def test_migrations_survive_reopening(db_path: Path) -> None:
 
     second = open_write_connection(db_path)
     assert apply_migrations(second) == []
-    assert applied_versions(second) == [1]
+    assert applied_versions(second) == ALL_VERSIONS
     second.close()
 
 

@@ -127,7 +127,9 @@ def test_kill_under_load_loses_nothing(fast_daemon: Daemon, worker: str) -> None
         assert workers[worker]["restarts"] == 1
         fast_daemon.wait_healthy()
         before = len(publisher.acknowledged)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 15
+        while len(publisher.acknowledged) <= before and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert len(publisher.acknowledged) > before, "publishing did not resume"
     finally:
         publisher.halt.set()
@@ -228,3 +230,26 @@ def test_restart_counts_appear_in_metrics(fast_daemon: Daemon) -> None:
     assert 'deeperhub_worker_restarts_total{worker="alert_dispatcher"} 1.0' in text
     runtime_log = (fast_daemon.var_dir / "log" / "runtime.log").read_text()
     assert "alert_dispatcher of deeperhub exited with signal SIGKILL" in runtime_log
+
+
+@pytest.mark.parametrize(("reason", "code"), [("restart", 1012), ("shutdown", 1001)])
+def test_stop_closes_websockets_with_reason_code(
+    daemon: Daemon, reason: str, code: int
+) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from deeperhub.cli import _request_stop
+    from deeperhub.config import load_settings
+
+    headers = login(daemon, "listener")
+    token = headers["authorization"].removeprefix("Bearer ")
+    settings = load_settings(daemon.env, create_dev_key=False)
+    with connect(f"{daemon.ws_url}?token={token}&vsn=2.0.0") as websocket:
+        assert _request_stop(settings, reason)
+        with pytest.raises(ConnectionClosed) as closed:
+            websocket.recv(timeout=10)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == code
+    assert daemon.process is not None
+    assert daemon.process.wait(30) == 0

@@ -35,6 +35,7 @@ from deeperhub.ipc import open_rpc_client
 from deeperhub.storage.reads import open_read_pool
 from workers.acceptor import websocket as websocket_module
 from workers.acceptor.hub import Hub
+from workers.acceptor.pushes import PushPipeline
 from workers.acceptor.services import Services
 from workers.acceptor.websocket import handle_websocket
 from workers.common import WorkerContext
@@ -170,6 +171,11 @@ async def open_env(
                     hub=hub,
                 )
                 nursery.start_soon(hub.consume_bus, bus.events)
+                # As in the acceptor: direct socket writes with drain tasks,
+                # and pipelined pushes.
+                await nursery.start(hub.run_flusher)
+                services.pushes = PushPipeline(settings, hub, timeout=10.0)
+                await nursery.start(services.pushes.run)
 
                 async def handler(stream: trio.SocketStream) -> None:
                     await serve_one(services, stream, socket_send_buffer)
@@ -435,8 +441,9 @@ async def test_join_errors() -> None:
             phx = Phx(ws)
             cases = {
                 "channel:nope": "not_found",
-                "channel:": "not_found",
-                "channel:bad name!": "not_found",
+                "channel:": "invalid_topic",
+                "channel:bad name!": "invalid_topic",
+                "channel:" + "x" * 65: "invalid_topic",
                 "channel:secret": "unauthorized",
                 "room:lobby": "unmatched topic",
                 "lobby": "unmatched topic",
@@ -448,6 +455,11 @@ async def test_join_errors() -> None:
                 )
             _, reply = await phx.join("channel:secret", {"last_seen_id": "7"})
             assert reply["response"] == {"reason": "invalid_last_seen_id"}
+            _, reply = await phx.join("channel:secret", {"last_seen_seq": -1})
+            assert reply["response"] == {"reason": "invalid_last_seen_seq"}
+            both = {"last_seen_id": 1, "last_seen_seq": 1}
+            _, reply = await phx.join("channel:secret", both)
+            assert reply["response"] == {"reason": "invalid_last_seen"}
 
 
 async def test_private_channel_member_joins() -> None:
@@ -635,11 +647,20 @@ async def test_replay_limit_reports_not_recovered() -> None:
         async with open_ws(env, token) as ws:
             phx = Phx(ws)
             _, reply = await phx.join("channel:lobby", {"last_seen_id": ids[0]})
-            assert reply["response"]["recovered"] is False
-            assert reply["response"]["resume_after_id"] == ids[2]
-            assert reply["response"]["channel_id"] == channel_id
+            assert reply["response"] == {
+                "channel_id": channel_id,
+                "recovered": False,
+                "reason": "replay_limit",
+                "replayed_from": ids[3],
+                "earliest_available": ids[0],
+            }
+            # The newest messages are replayed, so the replay joins up with
+            # the live messages; ids[1] and ids[2] are left to the history API.
             replayed = [await phx.next("new_msg") for _ in range(2)]
-            assert [m["payload"]["id"] for m in replayed] == ids[1:3]
+            assert [m["payload"]["id"] for m in replayed] == ids[3:]
+            live_id = await env.publish(channel_id, user_id, "live")
+            live = await phx.next("new_msg")
+            assert live["payload"]["id"] == live_id
 
 
 async def test_replay_during_publishing_has_no_gap_or_duplicate() -> None:
@@ -689,13 +710,14 @@ async def test_ping_is_answered() -> None:
 async def test_client_close_is_echoed_and_counted() -> None:
     async with open_env() as env:
         _, token = await env.user("alice")
-        closed_before = metric("deeperhub_ws_connections_closed_total", code="4000")
+        # Application codes (3000-4999) share the "other" label.
+        closed_before = metric("deeperhub_ws_connections_closed_total", code="other")
         async with open_ws(env, token) as ws:
             await ws.aclose(4000, "bye")
             assert ws.close_code == 4000
         await eventually(lambda: env.hub.connection_count == 0)
         assert (
-            metric("deeperhub_ws_connections_closed_total", code="4000")
+            metric("deeperhub_ws_connections_closed_total", code="other")
             == closed_before + 1
         )
 

@@ -11,8 +11,8 @@ import os
 import secrets
 
 import trio
-from argon2 import PasswordHasher, Type
-from argon2.exceptions import VerificationError
+from argon2 import PasswordHasher, Type, extract_parameters
+from argon2.exceptions import InvalidHashError, VerificationError
 
 __all__ = [
     "DEFAULT_MEMORY_COST",
@@ -85,11 +85,24 @@ class PasswordService:
         return matched and stored_hash is not None
 
     def needs_rehash(self, stored_hash: str) -> bool:
-        """Return True if `stored_hash` was made with other parameters or is corrupt."""
+        """Return True if `stored_hash` is weaker than this service's hashes.
+
+        Weaker means another Argon2 variant than Argon2id, or less memory, fewer
+        iterations, or a shorter salt or output. A hash made with stronger
+        parameters is kept. A corrupt hash also returns True.
+        """
         try:
-            return self._hasher.check_needs_rehash(stored_hash)
-        except ValueError:  # InvalidHashError, or a hash that is not ASCII
+            parameters = extract_parameters(stored_hash)
+        except (InvalidHashError, ValueError):  # ValueError: a hash that is not ASCII
             return True
+        ours = self._hasher
+        return (
+            parameters.type is not Type.ID
+            or parameters.memory_cost < ours.memory_cost
+            or parameters.time_cost < ours.time_cost
+            or parameters.salt_len < ours.salt_len
+            or parameters.hash_len < ours.hash_len
+        )
 
     def _check(self, stored_hash: str, secret: bytes) -> bool:
         try:

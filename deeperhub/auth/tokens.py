@@ -1,15 +1,16 @@
 """Access and refresh tokens: HS256 JWTs signed with `auth.secret_key`.
 
 Every token carries `sub` (the user id as a string), `jti`, `iat`, `nbf`, `exp`,
-`iss`, `aud` and `typ` (`access` or `refresh`), and its header names the signing
-key with `kid`. Verification pins the algorithm to HS256, requires all of these
-claims and turns every failure into a `TokenError`. Revocation is not checked
-here because it needs the database: callers look up the `jti` themselves.
+`iss`, `aud`, `typ` (`access` or `refresh`) and `fam`, the id of the login
+(refresh token family) it descends from. Its header names the signing key with
+`kid`. Verification pins the algorithm to HS256, looks the `kid` up among the
+current and previous keys (`keys.KeyRing`), requires all of these claims and
+turns every failure into a `TokenError`. Revocation is not checked here
+because it needs the database: callers use `reads.token_revocation`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import jwt
 
 from ..errors import AuthError
+from .keys import KeyRing, key_id, parse_previous_keys, parse_until
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -56,16 +58,10 @@ class TokenError(AuthError):
         self.message = message
 
 
-def key_id(secret_key: str) -> str:
-    """Return the `kid` header for `secret_key`: 16 hex digits of its SHA-256.
-
-    The id lets a verifier tell which key signed a token without revealing the key.
-    """
-    return hashlib.sha256(secret_key.encode()).hexdigest()[:16]
-
-
 class TokenService:
-    """Issue and verify the JWTs of one signing key and one issuer and audience.
+    """Issue JWTs with the current key; verify them with the current or a previous one.
+
+    One issuer and one audience are issued and accepted.
 
     `clock` returns Unix seconds and sets `iat`, `nbf` and `exp` of issued tokens.
     Verification always compares against the system clock, as PyJWT does.
@@ -79,6 +75,14 @@ class TokenService:
             raise AuthError("cannot sign tokens: auth.secret_key is empty")
         self._key = key
         self.kid = key_id(key)
+        self.keys = KeyRing(
+            key,
+            parse_previous_keys(
+                str(settings.values.get("auth.previous_keys", "")),
+                env_name=str(settings.values.get("server.env", "dev")),
+            ),
+            parse_until(str(settings.values.get("auth.previous_keys_until", ""))),
+        )
         self.issuer: str = settings["auth.issuer"]
         self.audience: str = settings["auth.audience"]
         self.access_ttl: int = settings["auth.access_ttl"]
@@ -86,9 +90,16 @@ class TokenService:
         self.leeway: int = settings["auth.leeway"]
         self._clock = clock
 
-    def issue_access(self, user_id: int | str) -> tuple[str, dict[str, Any]]:
-        """Return a new access token for `user_id` and its claims."""
-        return self._issue(user_id, ACCESS, self.access_ttl)
+    def issue_access(
+        self, user_id: int | str, family_id: str | None = None
+    ) -> tuple[str, dict[str, Any]]:
+        """Return a new access token for `user_id` and its claims.
+
+        `family_id` goes into the `fam` claim, so that revoking the family of
+        a login also rejects the access tokens issued with it.
+        """
+        extra = {"fam": family_id} if family_id is not None else None
+        return self._issue(user_id, ACCESS, self.access_ttl, extra)
 
     def issue_refresh(
         self, user_id: int | str, family_id: str
@@ -117,9 +128,15 @@ class TokenService:
             raise TokenError("malformed", "token contains non-ASCII characters")
 
         try:
+            header = jwt.get_unverified_header(token)
+            key = self.keys.verification_key(header.get("kid"), time.time())
+            if key is None:
+                raise TokenError(
+                    "unknown_key", "token was signed with an unknown or retired key"
+                )
             decoded = jwt.decode_complete(
                 token,
-                self._key,
+                key,
                 algorithms=[ALGORITHM],
                 audience=self.audience,
                 issuer=self.issuer,
@@ -149,8 +166,6 @@ class TokenService:
         except _DECODE_FAILURES:
             raise TokenError("malformed", "token is malformed") from None
 
-        if decoded["header"].get("kid") != self.kid:
-            raise TokenError("unknown_key", "token was signed with an unknown key id")
         claims: dict[str, Any] = decoded["payload"]
         self._check_claim_types(claims)
         if claims["typ"] != expected_typ:
@@ -195,3 +210,6 @@ class TokenService:
             value = claims[name]
             if not isinstance(value, str) or not value:
                 raise TokenError("malformed", f"token claim {name!r} is not a string")
+        family = claims.get("fam")
+        if family is not None and (not isinstance(family, str) or not family):
+            raise TokenError("malformed", "token claim 'fam' is not a string")

@@ -3,6 +3,10 @@
 An apsw connection may be used from any thread, but by one thread at a time:
 the DB writer has a single writer task, and `ReadPool` lends each read
 connection to one call at a time.
+
+The DB writer's connection checkpoints the WAL itself (`wal_guard.py`), which
+lets start-up tell a `-wal` file of this database from one left over by the
+file a restore replaced.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from pathlib import Path
 import apsw
 
 from ..errors import StorageError
+from . import wal_guard
 
-__all__ = ["open_read_connection", "open_write_connection"]
+__all__ = ["check_integrity", "open_read_connection", "open_write_connection"]
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 
@@ -24,14 +29,17 @@ def open_write_connection(
     *,
     synchronous: str = "full",
     busy_timeout_ms: int = 5000,
+    checkpoint_pages: int = wal_guard.DEFAULT_CHECKPOINT_PAGES,
 ) -> apsw.Connection:
     """Open the read-write connection of the DB writer, creating the file if needed.
 
     The connection uses WAL mode, `foreign_keys=ON`, the given `synchronous`
     level (`full` or `normal`, the `database.synchronous` setting) and busy
-    timeout. A new file and its folder are created readable by the owner only,
-    because the database stores password hashes. Raises StorageError when the
-    file cannot be opened or fails `PRAGMA quick_check`.
+    timeout, and checkpoints the WAL after `checkpoint_pages` pages. A `-wal`
+    file that belongs to another file (see `wal_guard`) is moved aside first.
+    A new file and its folder are created readable by the owner only, because
+    the database stores password hashes. Raises StorageError when the file
+    cannot be opened or fails `PRAGMA quick_check`.
     """
     path = Path(path)
     level = _SYNCHRONOUS.get(synchronous.lower())
@@ -41,6 +49,7 @@ def open_write_connection(
             f"invalid synchronous level {synchronous!r}: expected full or normal",
         )
     _create_private_file(path)
+    wal_guard.set_aside_foreign_wal(path)
 
     try:
         conn = apsw.Connection(
@@ -51,7 +60,7 @@ def open_write_connection(
 
     try:
         conn.setbusytimeout(busy_timeout_ms)
-        _check_integrity(conn, path)
+        check_integrity(conn, path)
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchall()[0]
         if str(mode).lower() != "wal":
             raise StorageError(
@@ -61,6 +70,15 @@ def open_write_connection(
             )
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute(f"PRAGMA synchronous = {level}")
+        wal_guard.install(conn, path, checkpoint_pages)
+    except (apsw.CorruptError, apsw.NotADBError) as exc:
+        conn.close()
+        raise StorageError(
+            "storage",
+            f"database {path} is corrupt ({exc}): stop DeeperHub and restore the "
+            "file from a backup with `bin/deeperhub restore FILE`, or salvage it "
+            "with the sqlite3 shell's `.recover` command",
+        ) from exc
     except apsw.Error as exc:
         conn.close()
         raise StorageError("storage", f"cannot open database {path}: {exc}") from exc
@@ -117,9 +135,17 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-def _check_integrity(conn: apsw.Connection, path: Path) -> None:
-    """Raise StorageError unless `PRAGMA quick_check` returns ok."""
-    rows = conn.execute("PRAGMA quick_check").fetchall()
+def check_integrity(
+    conn: apsw.Connection, path: Path | str, *, pragma: str = "quick_check"
+) -> None:
+    """Raise StorageError unless `PRAGMA quick_check` (or `pragma`) returns ok.
+
+    `pragma` may be `quick_check` or `integrity_check`, which also checks
+    index contents and takes longer.
+    """
+    if pragma not in ("quick_check", "integrity_check"):
+        raise ValueError(f"invalid pragma {pragma!r}")
+    rows = conn.execute(f"PRAGMA {pragma}").fetchall()
     if [str(row[0]) for row in rows] == ["ok"]:
         return
 
@@ -136,7 +162,7 @@ def _check_integrity(conn: apsw.Connection, path: Path) -> None:
         summary += f"; and {len(problems) - 3} more"
     raise StorageError(
         "storage",
-        f"database {path} failed PRAGMA quick_check: {summary}. Stop DeeperHub and "
-        "restore the file from a backup, or salvage it with the sqlite3 shell's "
-        "`.recover` command",
+        f"database {path} failed PRAGMA {pragma}: {summary}. Stop DeeperHub and "
+        "restore the file from a backup with `bin/deeperhub restore FILE`, or "
+        "salvage it with the sqlite3 shell's `.recover` command",
     )

@@ -84,7 +84,93 @@ CREATE TABLE revoked_tokens (
 );
 """
 
-MIGRATIONS: Sequence[Migration] = ((1, "initial schema", _SCHEMA_V1),)
+# Times are Unix seconds. A row of `token_cutoffs` rejects every token of its
+# user issued before `not_before`; the row with user_id 0 applies to all users.
+# `revoked_families` rejects every token of a refresh token family (one login).
+_SCHEMA_V3_TOKEN_REVOCATION = """
+CREATE TABLE token_cutoffs (
+    user_id INTEGER PRIMARY KEY,
+    not_before INTEGER NOT NULL
+);
+
+CREATE TABLE revoked_families (
+    family_id TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX revoked_families_expires_at ON revoked_families (expires_at);
+CREATE INDEX revoked_tokens_expires_at ON revoked_tokens (expires_at);
+CREATE INDEX refresh_tokens_expires_at ON refresh_tokens (expires_at);
+"""
+
+# Security layer. Times are Unix seconds, except `inserted_at` (ISO 8601 UTC as
+# in the other tables). A block that ended keeps its row in `ip_blocks`,
+# because its `offences` set how long the IP's next block lasts.
+# `security_events` contains the alerts, each stored before any delivery; the
+# outbox has one row per alert and channel.
+_SCHEMA_V2_SECURITY = """
+CREATE TABLE ip_blocks (
+    ip TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('anomaly', 'manual')),
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    offences INTEGER NOT NULL CHECK (offences >= 1)
+);
+CREATE INDEX ip_blocks_expires_at ON ip_blocks (expires_at);
+
+CREATE TABLE ip_reputation (
+    ip TEXT PRIMARY KEY,
+    score REAL NOT NULL CHECK (score >= 0 AND score < 100),
+    updated_at REAL NOT NULL
+);
+
+-- user_id has no foreign key, so an event outlives a deleted user.
+CREATE TABLE security_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    type TEXT NOT NULL,
+    severity TEXT NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
+    ip TEXT,
+    user_id INTEGER,
+    details TEXT NOT NULL,
+    count INTEGER NOT NULL DEFAULT 1 CHECK (count >= 1),
+    inserted_at TEXT NOT NULL
+);
+CREATE INDEX security_events_inserted_at ON security_events (inserted_at);
+
+CREATE TABLE alert_outbox (
+    id INTEGER PRIMARY KEY,
+    event_id INTEGER NOT NULL REFERENCES security_events (id) ON DELETE CASCADE,
+    channel TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    UNIQUE (event_id, channel)
+);
+CREATE INDEX alert_outbox_due ON alert_outbox (status, channel, next_attempt_at);
+"""
+
+# Retention: a channel's own limits (NULL: the `retention.*` defaults, 0: no
+# limit; `max_age` in seconds). The DB writer deletes the oldest messages in
+# seq order, so every message with seq <= `pruned_seq` is gone and no other;
+# `pruned_id` is the largest id it deleted, for replays that start from an id.
+_SCHEMA_V4_RETENTION = """
+ALTER TABLE channels ADD COLUMN retention_max_messages INTEGER;
+ALTER TABLE channels ADD COLUMN retention_max_age INTEGER;
+ALTER TABLE channels ADD COLUMN pruned_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE channels ADD COLUMN pruned_id INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX messages_channel_id_inserted_at ON messages (channel_id, inserted_at);
+"""
+
+MIGRATIONS: Sequence[Migration] = (
+    (1, "initial schema", _SCHEMA_V1),
+    (2, "security: blocks, reputation, events, alert outbox", _SCHEMA_V2_SECURITY),
+    (3, "token cutoffs and revoked families", _SCHEMA_V3_TOKEN_REVOCATION),
+    (4, "message retention per channel", _SCHEMA_V4_RETENTION),
+)
 
 _CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

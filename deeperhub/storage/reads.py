@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from ..metrics import DB_QUERY_DURATION
+from ..metrics import DB_POOL_CONNECTIONS, DB_POOL_IN_USE, DB_QUERY_DURATION
 from .database import open_read_connection
 
 if TYPE_CHECKING:
@@ -27,12 +27,15 @@ __all__ = [
     "ReadPool",
     "channel_by_id",
     "channel_by_name",
+    "channel_retention",
     "earliest_message_id",
     "is_member",
     "is_token_revoked",
     "list_channels_for",
     "messages_after",
     "open_read_pool",
+    "replay_window",
+    "token_revocation",
     "user_by_id",
     "user_for_login",
 ]
@@ -187,10 +190,104 @@ def earliest_message_id(conn: apsw.Connection, channel_id: int) -> int | None:
     return None if value is None else int(value)
 
 
+def replay_window(
+    conn: apsw.Connection,
+    channel_id: int,
+    *,
+    after_id: int | None = None,
+    after_seq: int | None = None,
+    limit: int,
+) -> dict[str, Any]:
+    """Return what a join must replay after a client's last seen message.
+
+    Exactly one of `after_id` and `after_seq` is given. The result, read in one
+    transaction so that its parts agree, is:
+
+    - `messages`: the newest `limit` messages after it, oldest first.
+    - `complete`: whether `messages` contains every message after it, that is
+      no more than `limit` are stored and retention deleted none of them.
+    - `pruned`: whether retention deleted messages after it.
+    - `last_seq`: the channel's newest seq (0 without messages).
+    - `earliest_id` and `earliest_seq`: the oldest stored message, or None.
+    """
+    if (after_id is None) == (after_seq is None):
+        raise ValueError("replay_window needs exactly one of after_id and after_seq")
+    column, after = ("id", after_id) if after_id is not None else ("seq", after_seq)
+    with conn:
+        channel = _rows(
+            conn,
+            "SELECT last_seq, pruned_seq, pruned_id FROM channels WHERE id = ?",
+            (channel_id,),
+        )
+        if not channel:
+            raise LookupError(f"channel {channel_id} not found")
+        last_seq, pruned_seq, pruned_id = channel[0]
+        rows = _rows(
+            conn,
+            _MESSAGE_SELECT + f"WHERE m.channel_id = ? AND m.{column} > ? "
+            f"ORDER BY m.{column} DESC LIMIT ?",
+            (channel_id, after, limit + 1),
+        )
+        earliest = _rows(
+            conn,
+            "SELECT id, seq FROM messages WHERE channel_id = ? ORDER BY seq LIMIT 1",
+            (channel_id,),
+        )
+    pruned = (pruned_id if column == "id" else pruned_seq) > after
+    messages = [_message(row) for row in reversed(rows[:limit])]
+    return {
+        "messages": messages,
+        "complete": len(rows) <= limit and not pruned,
+        "pruned": pruned,
+        "last_seq": int(last_seq),
+        "earliest_id": earliest[0][0] if earliest else None,
+        "earliest_seq": earliest[0][1] if earliest else None,
+    }
+
+
+def channel_retention(conn: apsw.Connection, channel_id: int) -> dict[str, Any] | None:
+    """Return a channel's own retention limits (None where unset), or None."""
+    rows = _rows(
+        conn,
+        "SELECT retention_max_messages, retention_max_age FROM channels WHERE id = ?",
+        (channel_id,),
+    )
+    if not rows:
+        return None
+    max_messages, max_age = rows[0]
+    return {"max_messages": max_messages, "max_age": max_age}
+
+
 def is_token_revoked(conn: apsw.Connection, jti: str) -> bool:
     """Return whether the token id `jti` was recorded by `revoke_token`."""
     rows = _rows(conn, "SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,))
     return bool(rows)
+
+
+def token_revocation(
+    conn: apsw.Connection,
+    jti: str,
+    family_id: str | None,
+    user_id: int,
+    issued_at: int,
+) -> str | None:
+    """Return why a token was revoked, or None if it was not.
+
+    The reasons are `revoked` (its `jti`), `family_revoked` (its refresh token
+    family, after a reuse) and `revoked_all` (issued before a `revoke_all`
+    cutoff of `user_id` or of every user).
+    """
+    rows = _rows(
+        conn,
+        "SELECT 'revoked' FROM revoked_tokens WHERE jti = ? "
+        "UNION ALL SELECT 'family_revoked' FROM revoked_families "
+        "WHERE family_id = ? "
+        "UNION ALL SELECT 'revoked_all' FROM token_cutoffs "
+        "WHERE user_id IN (0, ?) AND not_before > ? "
+        "LIMIT 1",
+        (jti, family_id, user_id, issued_at),
+    )
+    return str(rows[0][0]) if rows else None
 
 
 class ReadPool:
@@ -211,6 +308,7 @@ class ReadPool:
         # default thread limit still run `size` queries at once.
         self._threads = trio.CapacityLimiter(self.size)
         self._closed = False
+        DB_POOL_CONNECTIONS.inc(self.size)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(conn, *args)` in a worker thread with a borrowed connection."""
@@ -218,11 +316,13 @@ class ReadPool:
             conn = await self._idle.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise trio.ClosedResourceError("read pool is closed") from None
+        DB_POOL_IN_USE.inc()
         start = time.perf_counter()
         try:
             return await trio.to_thread.run_sync(fn, conn, *args, limiter=self._threads)
         finally:
             DB_QUERY_DURATION.labels(kind="read").observe(time.perf_counter() - start)
+            DB_POOL_IN_USE.dec()
             if self._closed:
                 conn.close()
             else:
@@ -230,6 +330,8 @@ class ReadPool:
 
     def close(self) -> None:
         """Close the idle connections now and borrowed ones when they come back."""
+        if not self._closed:
+            DB_POOL_CONNECTIONS.dec(self.size)
         self._closed = True
         self._idle_send.close()
         while True:

@@ -15,11 +15,13 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import apsw
 
 from ..errors import StorageError
+from .security_ops import SECURITY_WRITE_OPS, SecurityOp
 
 __all__ = ["WRITE_OPS", "WriteExecutor", "WriteOutcome", "format_timestamp"]
 
@@ -36,6 +38,21 @@ WRITE_OPS = frozenset(
         "store_refresh_token",
         "use_refresh_token",
         "revoke_token",
+        # Ops of token_writes.py.
+        "update_password_hash",
+        "revoke_all",
+        "purge_expired_tokens",
+        # Ops of security_ops.py.
+        "security_block",
+        "security_unblock",
+        "security_save_scores",
+        "security_record_alert",
+        "alert_delivered",
+        "alert_failed",
+        "security_prune",
+        # Ops of retention.py.
+        "set_channel_retention",
+        "prune_messages",
     }
 )
 
@@ -117,6 +134,19 @@ class WriteExecutor:
             "use_refresh_token": self.use_refresh_token,
             "revoke_token": self.revoke_token,
         }
+        from . import token_writes  # imports this module, so not at the top
+
+        for name, handler in token_writes.TOKEN_OPS.items():
+            self._ops[name] = partial(handler, self)
+        from .retention import RETENTION_OPS
+
+        for name, handler in RETENTION_OPS.items():
+            self._ops[name] = partial(handler, self)
+        for name, op in SECURITY_WRITE_OPS.items():
+            self._ops[name] = partial(self._run_security_op, op)
+
+    def _run_security_op(self, op: SecurityOp, args: Mapping[str, Any]) -> WriteOutcome:
+        return WriteOutcome(result=op(self.conn, args, self._now()))
 
     # Batches and savepoints.
 
@@ -384,6 +414,11 @@ class WriteExecutor:
         self._require_user(user_id)
         if self._row("SELECT 1 FROM refresh_tokens WHERE jti = ?", (jti,)):
             raise StorageError("conflict", "refresh token jti already stored")
+        # A reuse may have revoked the family while this token was being issued.
+        if self._row(
+            "SELECT 1 FROM revoked_families WHERE family_id = ?", (family_id,)
+        ):
+            raise StorageError("invalid", "refresh token family revoked")
         self._rows(
             "INSERT INTO refresh_tokens (jti, user_id, family_id, expires_at) "
             "VALUES (?, ?, ?, ?)",
@@ -396,10 +431,18 @@ class WriteExecutor:
 
         A token presented a second time is `reused`, and every token of its
         family is revoked, because two parties then have the same token and
-        one of them stole it. Unknown, revoked and expired tokens are `invalid`.
+        one of them stole it. The revoked family goes to `revoked_families` and
+        on the bus, so that access tokens of the family stop working too.
+        Unknown, revoked and expired tokens are `invalid`, and so is a token
+        whose optional `issued_at` is before a `revoke_all` cutoff of its user.
+        A token presented again less than the optional `reuse_grace` seconds
+        after its first use is `invalid` without revoking anything: that is a
+        client sending concurrent refreshes, of which only the first wins.
         """
         jti = _str_arg(args, "jti")
         now = _int_arg(args, "now")
+        issued_at = _int_arg(args, "issued_at") if "issued_at" in args else None
+        reuse_grace = _int_arg(args, "reuse_grace") if "reuse_grace" in args else 0
 
         row = self._row(
             "SELECT user_id, family_id, expires_at, used_at, revoked_at "
@@ -411,20 +454,49 @@ class WriteExecutor:
         user_id, family_id, expires_at, used_at, revoked_at = row
 
         if used_at is not None:
-            self._rows(
-                "UPDATE refresh_tokens SET revoked_at = ? "
-                "WHERE family_id = ? AND revoked_at IS NULL",
-                (now, family_id),
-            )
-            raise _KeepChanges("reused", "refresh token already used")
+            if now - used_at < reuse_grace:
+                raise StorageError("invalid", "refresh token already used")
+            return self._revoke_family(family_id, now)
         revoked = self._row("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,))
         if revoked_at is not None or revoked:
+            raise StorageError("invalid", "refresh token revoked")
+        if issued_at is not None and self._row(
+            "SELECT 1 FROM token_cutoffs WHERE user_id IN (0, ?) AND not_before > ?",
+            (user_id, issued_at),
+        ):
             raise StorageError("invalid", "refresh token revoked")
         if expires_at <= now:
             raise StorageError("invalid", "unknown or expired refresh token")
 
         self._rows("UPDATE refresh_tokens SET used_at = ? WHERE jti = ?", (now, jti))
         return WriteOutcome(result={"user_id": user_id, "family_id": family_id})
+
+    def _revoke_family(self, family_id: str, now: int) -> WriteOutcome:
+        """Revoke every token of a refresh token family after a reuse.
+
+        Returns the `reused` error with its bus event, and the savepoint keeps
+        the changes because this is a normal return.
+        """
+        self._rows(
+            "UPDATE refresh_tokens SET revoked_at = ? "
+            "WHERE family_id = ? AND revoked_at IS NULL",
+            (now, family_id),
+        )
+        row = self._row(
+            "SELECT max(expires_at) FROM refresh_tokens WHERE family_id = ?",
+            (family_id,),
+        )
+        expires_at = int(row[0]) if row and row[0] is not None else now
+        self._rows(
+            "INSERT INTO revoked_families (family_id, expires_at) VALUES (?, ?) "
+            "ON CONFLICT (family_id) DO UPDATE "
+            "SET expires_at = max(expires_at, excluded.expires_at)",
+            (family_id, expires_at),
+        )
+        event = {"event": "revoked", "families": [family_id]}
+        return WriteOutcome(
+            error=("reused", "refresh token already used"), events=(event,)
+        )
 
     def revoke_token(self, args: Mapping[str, Any]) -> WriteOutcome:
         """Record a revoked token id until `expires_at`.
@@ -440,7 +512,7 @@ class WriteExecutor:
             "SET expires_at = max(expires_at, excluded.expires_at)",
             (jti, expires_at),
         )
-        return WriteOutcome(result={})
+        return WriteOutcome(result={}, events=({"event": "revoked", "jtis": [jti]},))
 
 
 def _error(code: str, message: str) -> WriteOutcome:

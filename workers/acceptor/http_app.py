@@ -15,21 +15,19 @@ from typing import TYPE_CHECKING, Any
 import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from deeperhub.errors import ProtocolError
 from deeperhub.ipc import RemoteError
-from deeperhub.metrics import (
-    CONTENT_TYPE_LATEST,
-    HTTP_DURATION,
-    HTTP_REQUESTS,
-    render_metrics,
-)
+from deeperhub.metrics import CONTENT_TYPE_LATEST, HTTP_DURATION, HTTP_REQUESTS
 from deeperhub.validation import ValidationError
 
 from .http_auth import create_auth_blueprint
 from .http_channels import create_channels_blueprint
+from .http_retention import create_retention_blueprint
+from .http_security import register_security_hooks
 from .http_support import Api, ApiError, error_body, remote_error_response
+from .metrics_endpoint import render_scrape
 
 if TYPE_CHECKING:
     from .services import Services
@@ -57,8 +55,11 @@ def create_app(services: Services) -> QuartTrio:
     api = Api(services)
     app.register_blueprint(create_auth_blueprint(api))
     app.register_blueprint(create_channels_blueprint(api))
+    app.register_blueprint(create_retention_blueprint(api))
     _register_error_handlers(app)
     _register_metrics_hooks(app)
+    if services.security is not None:
+        register_security_hooks(app, services.security)
     _register_operations_routes(app, services)
     return app
 
@@ -152,7 +153,10 @@ def _register_operations_routes(app: QuartTrio, services: Services) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Any:
-        return Response(render_metrics(), status=200, content_type=CONTENT_TYPE_LATEST)
+        if not services.settings["metrics.enabled"]:
+            raise NotFound()
+        body = await render_scrape(services)
+        return Response(body, status=200, content_type=CONTENT_TYPE_LATEST)
 
 
 async def _worker_states(services: Services) -> tuple[dict[str, Any], bool]:

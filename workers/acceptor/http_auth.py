@@ -3,7 +3,8 @@
 Refresh tokens rotate: each refresh marks the presented token used (in the DB
 writer, atomically) and returns a new pair in the same family. When a used
 token is presented again, the DB writer returns the error `reused` and revokes
-the whole family.
+the whole family, access tokens included (they carry the family in `fam`),
+and the acceptor sends a `refresh_token_reuse` security event.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def create_auth_blueprint(api: Api) -> Blueprint:
     tokens = services.tokens
 
     async def issue_pair(user_id: int, family_id: str) -> dict[str, Any]:
-        access_token, _ = tokens.issue_access(user_id)
+        access_token, _ = tokens.issue_access(user_id, family_id)
         refresh_token, refresh_claims = tokens.issue_refresh(user_id, family_id)
         await api.db(
             "store_refresh_token",
@@ -85,6 +86,22 @@ def create_auth_blueprint(api: Api) -> Blueprint:
             "token_type": "Bearer",
             "expires_in": tokens.access_ttl,
         }
+
+    async def rehash(user_id: int, old_hash: str, password: str) -> None:
+        """Store a hash with the current parameters; a failure only logs."""
+        new_hash = await services.passwords.hash(password)
+        try:
+            result = await api.db(
+                "update_password_hash",
+                user_id=user_id,
+                old_hash=old_hash,
+                new_hash=new_hash,
+            )
+        except (RemoteError, ApiError) as exc:
+            log.warning("rehash of the password of user %s failed: %s", user_id, exc)
+            return
+        if result.get("updated"):
+            log.info("rehashed the password of user %s", user_id)
 
     @blueprint.post("/api/auth/register")
     async def register() -> Any:
@@ -120,11 +137,17 @@ def create_auth_blueprint(api: Api) -> Blueprint:
         if not isinstance(password, str):
             raise ValidationError("password", "password must be a string")
 
-        # Verify even when the user does not exist, so both failures take
-        # about the same time.
+        # Verify even when the user does not exist or the password is too long
+        # to be right, so every failure takes about the same time. An
+        # over-long password is never hashed: the dummy hash is checked
+        # against an empty one instead.
         row = await api.read(reads.user_for_login, name)
         stored_hash = row["password_hash"] if row is not None else None
-        verified = await services.passwords.verify(stored_hash, password)
+        if len(password) > api.settings["auth.password_max"]:
+            await services.passwords.verify(None, "")
+            verified = False
+        else:
+            verified = await services.passwords.verify(stored_hash, password)
         if row is None or not verified:
             log.info(
                 "login failed from %s (%s)",
@@ -133,9 +156,9 @@ def create_auth_blueprint(api: Api) -> Blueprint:
             )
             raise ApiError(401, "unauthorized", _BAD_CREDENTIALS)
 
-        # TODO: rehash when services.passwords.needs_rehash(stored_hash) is true;
-        # the DB writer has no operation to update a password hash yet.
         user_id = int(row["id"])
+        if services.passwords.needs_rehash(stored_hash):
+            await rehash(user_id, stored_hash, password)
         log.info("user %s logged in from %s", user_id, request.remote_addr)
         return await issue_pair(user_id, secrets.token_urlsafe(16))
 
@@ -155,14 +178,29 @@ def create_auth_blueprint(api: Api) -> Blueprint:
 
         try:
             used = await api.db(
-                "use_refresh_token", jti=claims["jti"], now=int(time.time())
+                "use_refresh_token",
+                jti=claims["jti"],
+                now=int(time.time()),
+                issued_at=claims["iat"],
+                reuse_grace=api.settings["auth.refresh_reuse_grace"],
             )
         except RemoteError as exc:
             if exc.code == "reused":
                 log.warning(
-                    "refresh token reused for user %s, so its token family is revoked",
+                    "refresh token reused for user %s from %s, so its token family "
+                    "is revoked",
                     claims["sub"],
+                    request.remote_addr,
                 )
+                if services.token_watch is not None:
+                    services.token_watch.notify_security(
+                        {
+                            "event": "security",
+                            "kind": "refresh_token_reuse",
+                            "ip": request.remote_addr,
+                            "user_id": int(claims["sub"]),
+                        }
+                    )
                 raise ApiError(
                     401, "unauthorized", "refresh token was already used"
                 ) from None
@@ -190,6 +228,18 @@ def create_auth_blueprint(api: Api) -> Blueprint:
         identity = await api.authenticate()
         body = await read_json_object(required=False)
         revoked = [identity.claims]
+
+        revoke_all = body.get("all", False)
+        if not isinstance(revoke_all, bool):
+            raise ValidationError("all", "all must be true or false")
+        if revoke_all:
+            # NOTE: `iat` has whole seconds, so a token issued earlier in the
+            # same second as this cutoff stays valid. The presented token is
+            # revoked by its jti as well.
+            await api.db(
+                "revoke_all", user_id=identity.user_id, before=int(time.time())
+            )
+            log.info("user %s revoked all of its tokens", identity.user_id)
 
         # A refresh token in the body is revoked too (a full logout), but only
         # one that belongs to the same user.

@@ -206,7 +206,14 @@ class Api:
             raise _unauthorized(exc.message, token_given=True) from None
         if not claims["sub"].isdecimal():
             raise _unauthorized("token subject is not a user id", token_given=True)
-        if await self.read(reads.is_token_revoked, claims["jti"]):
+        revoked = await self.read(
+            reads.token_revocation,
+            claims["jti"],
+            claims.get("fam"),
+            int(claims["sub"]),
+            claims["iat"],
+        )
+        if revoked is not None:
             raise _unauthorized("token has been revoked", token_given=True)
         return Identity(user_id=int(claims["sub"]), claims=claims)
 

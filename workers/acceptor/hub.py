@@ -1,32 +1,27 @@
 """Topics, subscribers and presence of one acceptor process.
 
-The hub owns every open WebSocket connection of the process. Each
-`Connection` has a bounded outgoing buffer of encoded WebSocket frames and one
-writer task (`Connection.run_writer`) that sends everything buffered with a
-single `send_all`. Appending never blocks: a connection whose buffer would grow
-past `websocket.send_queue_bytes` is closed with 1008 "slow consumer", so one
-client that stops reading never delays delivery to the others.
+The hub owns every open WebSocket connection of the process and the
+subscriptions of each topic. A broadcast is encoded to frame bytes at most
+once per Phoenix serializer version in use, and the same `bytes` object is
+queued to every subscriber. `flush` then writes each connection's queue with
+one system call (see `connection.py`).
 
-A broadcast is encoded to frame bytes at most once per Phoenix serializer
-version in use, and the same `bytes` object is appended to every subscriber.
+Chat messages come from the DB writer's bus in commit order, so every acceptor
+delivers a topic's messages in the same order, whichever acceptor or HTTP
+request published them. Each carries the channel's `seq`. A join that replays
+stored messages holds live messages in `Subscription.pending` until the replay
+is sent, and then drops those whose seq the replay already covered.
 
-Presence is tracked per connection and topic: a user with two open tabs has
-two metas under its user id, and closing one tab removes only that meta. The
-payloads have the shapes that phoenix.js `Presence` expects:
-`presence_state` is `{user_id: {"metas": [meta, ...]}}` and `presence_diff` is
-`{"joins": {...}, "leaves": {...}}`, where a meta is
-`{"phx_ref", "username", "online_at"}`. Presence covers the connections of
-this acceptor process only.
+`server.max_connections` is shared by the acceptor processes: each admits its
+share (`connection_budget`), so the total never exceeds the setting.
 """
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
-import secrets
+import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -34,19 +29,16 @@ import trio
 from deeperhub.metrics import (
     MESSAGES_BROADCAST,
     MESSAGES_DELIVERED,
-    SEND_QUEUE_DROPS,
+    message_origin,
 )
 from deeperhub.phoenix.protocol import encode_push
-from deeperhub.ws.frames import (
-    CloseCode,
-    Opcode,
-    encode_close,
-    encode_frame,
-    encode_text,
-)
+from deeperhub.ws.frames import CloseCode, encode_text
+
+from .connection import SLOW_CONSUMER_REASON, Connection
+from .presence import Presence
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from deeperhub.config import Settings
     from deeperhub.phoenix.protocol import Ref
@@ -55,9 +47,11 @@ __all__ = [
     "CLOSE_BATCH_INTERVAL",
     "CLOSE_BATCH_SIZE",
     "CLOSE_TIMEOUT",
+    "SLOW_CONSUMER_REASON",
     "Connection",
     "Hub",
     "Subscription",
+    "connection_budget",
     "message_payload",
 ]
 
@@ -72,10 +66,9 @@ CLOSE_TIMEOUT = 5.0
 CLOSE_BATCH_SIZE = 200
 CLOSE_BATCH_INTERVAL = 0.01
 
-SLOW_CONSUMER_REASON = "slow consumer"
-
 # Keys of a stored message that are sent to clients in `new_msg`.
 _MESSAGE_KEYS = ("id", "seq", "channel", "user_id", "username", "body", "inserted_at")
+_ACCEPTOR_NUMBER = re.compile(r"acceptor-(\d+)$")
 
 
 def message_payload(
@@ -92,193 +85,27 @@ def message_payload(
     return payload
 
 
-def _utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def connection_budget(total: int, acceptors: int, worker_id: str) -> int:
+    """Return how many of `total` connections the acceptor `worker_id` may hold.
 
-
-class _CloseState(enum.Enum):
-    OPEN = "open"
-    CLOSING = "closing"  # a Close frame is queued, so nothing else may be sent
-    ABORTED = "aborted"  # the TCP connection is gone, so nothing can be sent
-
-
-class Connection:
-    """One WebSocket client: identity, joined topics and the outgoing buffer.
-
-    `send` and `close` never block, so the hub can call them while it iterates
-    over subscribers. Only `run_writer` writes to the socket.
+    Acceptor N of M (worker id `acceptor-N`) gets `total // M`, plus one for
+    the first `total % M` acceptors, so the shares add up to `total`. Any
+    other worker id (a single acceptor in tests) gets `total`.
     """
-
-    def __init__(
-        self,
-        *,
-        connection_id: int,
-        user_id: int,
-        username: str,
-        vsn: str,
-        send_queue_bytes: int,
-    ) -> None:
-        self.id = connection_id
-        self.user_id = user_id
-        self.username = username
-        self.vsn = vsn
-        # Joined topics, in join order.
-        self.subscriptions: dict[str, Subscription] = {}
-        self.send_queue_bytes = send_queue_bytes
-
-        self._chunks: list[bytes] = []
-        # Bytes appended and not yet written, including a batch in `send_all`.
-        self._buffered = 0
-        self._data_ready = trio.Event()
-        self._space_ready = trio.Event()
-
-        self._state = _CloseState.OPEN
-        # The close code sent, or received when the client closed first. 1005
-        # (no code in the client's Close) and 1006 (TCP dropped without a Close)
-        # are only used as metric labels and never appear in a Close frame.
-        self.close_code: int | None = None
-        self.close_reason = ""
-        # False when the server fails the connection (RFC 6455 section 7.1.7) and
-        # closes TCP right after its Close frame without waiting for the client's.
-        self.wait_for_peer_close = True
-        self.close_requested = trio.Event()
-        self.close_sent = trio.Event()
-        self.peer_closed = trio.Event()
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        """Log record fields that identify this connection."""
-        return {"connection_id": self.id, "user_id": self.user_id}
-
-    @property
-    def is_open(self) -> bool:
-        return self._state is _CloseState.OPEN
-
-    @property
-    def buffered_bytes(self) -> int:
-        return self._buffered
-
-    def _fits(self, size: int, limit: int) -> bool:
-        # A frame larger than the limit is still accepted into an empty buffer,
-        # otherwise it could never be sent.
-        return self._buffered == 0 or self._buffered + size <= limit
-
-    def _append(self, frame: bytes) -> None:
-        self._chunks.append(frame)
-        self._buffered += len(frame)
-        self._data_ready.set()
-
-    def send(self, frame: bytes) -> bool:
-        """Queue one encoded frame, or close the connection if its buffer is full.
-
-        Returns False when the frame was not queued: the connection is closing,
-        or it has just been closed as a slow consumer.
-        """
-        if self._state is not _CloseState.OPEN:
-            return False
-        if not self._fits(len(frame), self.send_queue_bytes):
-            self.close_slow_consumer(self._buffered + len(frame))
-            return False
-        self._append(frame)
-        return True
-
-    def close_slow_consumer(self, required_bytes: int) -> None:
-        """Close with 1008 "slow consumer" because `required_bytes` exceed the limit."""
-        SEND_QUEUE_DROPS.inc()
-        log.warning(
-            "closing slow consumer: %d bytes to buffer, limit %d",
-            required_bytes,
-            self.send_queue_bytes,
-            extra=self.extra,
-        )
-        self.close(CloseCode.POLICY_VIOLATION, SLOW_CONSUMER_REASON, discard=True)
-
-    async def send_paced(self, frame: bytes) -> bool:
-        """Queue one frame after waiting until the buffer is at most half full.
-
-        Used for bulk sends such as a replay, so they leave room for live
-        traffic and do not trip the slow-consumer limit on their own. Returns
-        False if the connection closed meanwhile.
-        """
-        limit = self.send_queue_bytes // 2
-        while self._state is _CloseState.OPEN and not self._fits(len(frame), limit):
-            await self._space_ready.wait()
-        return self.send(frame)
-
-    def close(
-        self, code: int | None, reason: str = "", *, discard: bool = False
-    ) -> None:
-        """Queue a Close frame after the buffered frames and stop accepting more.
-
-        `code=None` sends a Close without a status code, as the echo of a client
-        Close that had none. With `discard=True` the frames still waiting in the
-        buffer are dropped, but a batch already passed to `send_all` is
-        completed first, so the Close frame starts on a frame boundary. Only
-        the first call has an effect.
-        """
-        if self._state is not _CloseState.OPEN:
-            return
-        self._state = _CloseState.CLOSING
-        self.close_code = 1005 if code is None else int(code)
-        self.close_reason = reason
-        if discard:
-            self._buffered -= sum(len(chunk) for chunk in self._chunks)
-            self._chunks.clear()
-        if code is None:
-            frame = encode_frame(Opcode.CLOSE, b"")
-        else:
-            frame = encode_close(code, reason)
-        self._append(frame)
-        self.close_requested.set()
-        self._space_ready.set()
-
-    def abort(self) -> None:
-        """Record that the TCP connection is gone, so nothing more can be sent."""
-        if self._state is _CloseState.OPEN:
-            self.close_code = 1006
-        self._state = _CloseState.ABORTED
-        self._chunks.clear()
-        self.close_requested.set()
-        self.close_sent.set()
-        self.peer_closed.set()
-        self._data_ready.set()
-        self._space_ready.set()
-
-    async def run_writer(self, stream: trio.abc.SendStream) -> None:
-        """Send buffered frames until the Close frame is sent or the socket fails.
-
-        Everything buffered when the writer wakes up goes out in one `send_all`,
-        so a burst of broadcasts costs one system call per wake-up.
-        """
-        try:
-            while self._state is not _CloseState.ABORTED:
-                if not self._chunks:
-                    await self._data_ready.wait()
-                    self._data_ready = trio.Event()
-                    continue
-                closing = self._state is _CloseState.CLOSING
-                batch = b"".join(self._chunks)
-                self._chunks.clear()
-                await stream.send_all(batch)
-                self._buffered -= len(batch)
-                self._space_ready.set()
-                self._space_ready = trio.Event()
-                # close() appends the Close frame last and nothing after it, so a
-                # batch taken while closing ends with the Close frame.
-                if closing:
-                    self.close_sent.set()
-                    return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.abort()
+    match = _ACCEPTOR_NUMBER.match(worker_id)
+    if match is None or acceptors <= 1:
+        return total
+    number = int(match.group(1))
+    return total // acceptors + (1 if number <= total % acceptors else 0)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Subscription:
     """One connection's join of one topic.
 
     Until `live` is set, chat messages for the topic are held in `pending`
     instead of being sent, so that a replay of stored messages can be sent
-    first. Messages with an id up to `after_id` are never sent, because the
+    first. Messages with a seq up to `after_seq` are never sent, because the
     replay already contained them. Presence diffs are sent only once
     `presence_synced` is set, that is after the `presence_state` push.
     """
@@ -288,7 +115,7 @@ class Subscription:
     join_ref: Ref
     live: bool = False
     presence_synced: bool = False
-    after_id: int = 0
+    after_seq: int = 0
     pending: list[tuple[int, bytes]] = field(default_factory=list)
     pending_bytes: int = 0
     meta: dict[str, Any] | None = None
@@ -296,6 +123,8 @@ class Subscription:
 
 class _Broadcast:
     """Frames of one push to many connections, encoded once per serializer version."""
+
+    __slots__ = ("_frames", "event", "payload", "topic")
 
     def __init__(self, topic: str, event: str, payload: Mapping[str, Any]) -> None:
         self.topic = topic
@@ -316,9 +145,13 @@ class _Broadcast:
 class Hub:
     """Connections, topic subscriptions and presence of one acceptor process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker_id: str = "acceptor") -> None:
         self.settings = settings
-        self.max_connections = int(settings["server.max_connections"])
+        self.max_connections = connection_budget(
+            int(settings["server.max_connections"]),
+            int(settings["server.acceptors"]),
+            worker_id,
+        )
         self.send_queue_bytes = int(settings["websocket.send_queue_bytes"])
         # Set by close_all. Upgrades are then rejected with HTTP 503.
         self.shutting_down = trio.Event()
@@ -332,6 +165,20 @@ class Hub:
         self._connections: set[Connection] = set()
         self._topics: dict[str, dict[Connection, Subscription]] = {}
         self._all_closed = trio.Event()
+        self.presence = Presence(self)
+        # Handlers of bus events other than `message`, by event name, such as
+        # `revoked` (token_watch.TokenWatch.apply_revocation).
+        self.bus_handlers: dict[str, Callable[[dict[str, Any]], object]] = {
+            "presence": self.presence.apply_remote,
+            "presence_snapshot": self.presence.apply_snapshot,
+        }
+
+        # Connections with bytes to write, flushed together by `flush`.
+        self._dirty: list[Connection] = []
+        self._flush_wanted = trio.Event()
+        self._flusher_running = False
+        # Nursery of the drain tasks of connections whose socket is full.
+        self._drains: trio.Nursery | None = None
 
     # Connections
 
@@ -340,7 +187,7 @@ class Hub:
         return len(self._connections)
 
     def reserve_slot(self) -> bool:
-        """Take one of `server.max_connections` slots for an upgrade, or return False.
+        """Take one of this acceptor's connection slots for an upgrade, or return False.
 
         The caller must call `release_slot` exactly once, whether or not the
         upgrade succeeds.
@@ -361,6 +208,7 @@ class Hub:
             username=username,
             vsn=vsn,
             send_queue_bytes=self.send_queue_bytes,
+            scheduler=self,
         )
         self._connections.add(connection)
         if self._shutdown_close is not None:
@@ -374,6 +222,10 @@ class Hub:
         self._connections.discard(connection)
         if not self._connections:
             self._all_closed.set()
+        self.flush()
+
+    def connections(self) -> Iterable[Connection]:
+        return iter(list(self._connections))
 
     async def close_all(self, code: int) -> None:
         """Close every connection with `code`, in batches, and wait until all ended.
@@ -394,13 +246,79 @@ class Hub:
         for start in range(0, len(connections), CLOSE_BATCH_SIZE):
             for connection in connections[start : start + CLOSE_BATCH_SIZE]:
                 connection.close(code, reason)
+            self.flush()
             await trio.sleep(CLOSE_BATCH_INTERVAL)
         with trio.move_on_after(CLOSE_TIMEOUT):
             while self._connections:
                 self._all_closed = trio.Event()
                 await self._all_closed.wait()
 
+    # Writing
+
+    def schedule_flush(self, connection: Connection) -> None:
+        """Remember a connection with new bytes for the next `flush`."""
+        if not self._flusher_running:
+            # Without the flusher task (unit tests), write at once.
+            connection.flush()
+            return
+        self._dirty.append(connection)
+        self._flush_wanted.set()
+
+    @property
+    def runs_drains(self) -> bool:
+        """Whether `run_flusher` runs, so connections need no writer task."""
+        return self._drains is not None
+
+    def start_drain(self, connection: Connection) -> bool:
+        """Start the drain task of a connection whose socket is full.
+
+        Returns False when the flusher does not run, so no nursery is there.
+        """
+        if self._drains is None:
+            return False
+        self._drains.start_soon(connection.drain)
+        return True
+
+    def flush(self) -> None:
+        """Write the buffered frames of every connection that has new ones."""
+        while self._dirty:
+            dirty, self._dirty = self._dirty, []
+            for connection in dirty:
+                connection.flush()
+
+    async def run_flusher(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Flush connections whose frames were queued outside a batch, forever.
+
+        The bus reader and each connection's reader call `flush` when they
+        finish a batch. This task catches sends from anywhere else, such as
+        timers, one scheduler tick later. It also owns the nursery of the
+        drain tasks (`Connection.drain`).
+        """
+        async with trio.open_nursery() as drains:
+            self._drains = drains
+            self._flusher_running = True
+            task_status.started()
+            try:
+                while True:
+                    await self._flush_wanted.wait()
+                    self._flush_wanted = trio.Event()
+                    self.flush()
+            finally:
+                self._flusher_running = False
+                self._drains = None
+
     # Topics
+
+    def topics(self) -> list[str]:
+        return list(self._topics)
+
+    def subscriptions_of(self, topic: str) -> Iterable[Subscription]:
+        return list(self._topics.get(topic, {}).values())
+
+    def subscriber_count(self, topic: str) -> int:
+        return len(self._topics.get(topic, ()))
 
     def subscribe(
         self, connection: Connection, topic: str, join_ref: Ref
@@ -428,85 +346,61 @@ class Hub:
             subscribers.pop(connection, None)
             if not subscribers:
                 del self._topics[topic]
-        if subscription.meta is not None:
-            leaves = {str(connection.user_id): {"metas": [subscription.meta]}}
-            subscription.meta = None
-            self._broadcast_presence(topic, joins={}, leaves=leaves)
+        self.presence.untrack(subscription)
         return subscription
 
-    def subscriber_count(self, topic: str) -> int:
-        return len(self._topics.get(topic, ()))
-
-    def go_live(self, subscription: Subscription, after_id: int = 0) -> None:
-        """Send the held chat messages with an id above `after_id`, then stop holding.
+    def go_live(self, subscription: Subscription, after_seq: int = 0) -> None:
+        """Send the held chat messages with a seq above `after_seq`, then stop holding.
 
         If the held messages no longer fit into the buffer, the connection is
         closed as a slow consumer by `Connection.send`.
         """
-        subscription.after_id = after_id
+        subscription.after_seq = after_seq
         subscription.live = True
         pending = subscription.pending
         subscription.pending = []
         subscription.pending_bytes = 0
         connection = subscription.connection
-        for message_id, frame in pending:
-            if message_id > after_id:
+        # TODO: messages held during a replay are not observed in
+        # deeperhub_message_delivery_seconds.
+        delivered = 0
+        for seq, frame in pending:
+            if seq > after_seq:
                 if not connection.send(frame):
-                    return
-                MESSAGES_DELIVERED.inc()
+                    break
+                delivered += 1
+        MESSAGES_DELIVERED.inc(delivered)
 
     # Presence
 
     def presence_state(self, topic: str) -> dict[str, dict[str, list[dict[str, Any]]]]:
-        """Return the tracked metas of `topic`, grouped by user id."""
-        state: dict[str, dict[str, list[dict[str, Any]]]] = {}
-        for connection, subscription in self._topics.get(topic, {}).items():
-            if subscription.meta is not None:
-                entry = state.setdefault(str(connection.user_id), {"metas": []})
-                entry["metas"].append(subscription.meta)
-        return state
+        """Return the metas of `topic` on every acceptor, grouped by user id."""
+        return self.presence.state(topic)
 
     def track_presence(self, subscription: Subscription) -> None:
-        """Push `presence_state` to the joiner, then broadcast its join to the topic.
+        """Push `presence_state` to the joiner, then announce its join everywhere."""
+        self.presence.track(subscription)
 
-        The state is taken before the joiner's own meta is added, and the diff
-        that adds it goes to every synced subscriber including the joiner, in
-        the order the Phoenix server uses.
-        """
-        connection = subscription.connection
-        state = self.presence_state(subscription.topic)
-        frame = encode_text(
-            encode_push(
-                connection.vsn,
-                subscription.join_ref,
-                subscription.topic,
-                "presence_state",
-                state,
-            )
-        )
-        connection.send(frame)
-        subscription.presence_synced = True
+    # Broadcasts
 
-        meta = {
-            "phx_ref": secrets.token_urlsafe(12),
-            "username": connection.username,
-            "online_at": _utc_now(),
-        }
-        subscription.meta = meta
-        joins = {str(connection.user_id): {"metas": [meta]}}
-        self._broadcast_presence(subscription.topic, joins=joins, leaves={})
-
-    def _broadcast_presence(
-        self, topic: str, *, joins: dict[str, Any], leaves: dict[str, Any]
+    def broadcast(
+        self,
+        topic: str,
+        event: str,
+        payload: Mapping[str, Any],
+        *,
+        presence: bool = False,
     ) -> None:
-        broadcast = _Broadcast(
-            topic, "presence_diff", {"joins": joins, "leaves": leaves}
-        )
-        for connection, subscription in list(self._topics.get(topic, {}).items()):
-            if subscription.presence_synced:
-                connection.send(broadcast.frame(connection.vsn))
-
-    # Messages
+        """Queue a push to every subscriber of `topic` (presence-synced ones only
+        when `presence` is set)."""
+        subscribers = self._topics.get(topic)
+        if not subscribers:
+            return
+        broadcast = _Broadcast(topic, event, payload)
+        for connection, subscription in list(subscribers.items()):
+            if presence and not subscription.presence_synced:
+                continue
+            connection.send(broadcast.frame(connection.vsn))
 
     def broadcast_message(self, topic: str, message: Mapping[str, Any]) -> int:
         """Fan a stored chat message out to the subscribers of `topic` as `new_msg`.
@@ -517,23 +411,27 @@ class Hub:
         subscribers = self._topics.get(topic)
         if not subscribers:
             return 0
-        message_id = message.get("id")
-        if isinstance(message_id, bool) or not isinstance(message_id, int):
-            log.warning("dropping bus message for %s without an integer id", topic)
+        seq = message.get("seq")
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            log.warning("dropping bus message for %s without an integer seq", topic)
             return 0
         broadcast = _Broadcast(topic, "new_msg", message_payload(message))
         MESSAGES_BROADCAST.inc()
+        origin = message_origin(message)
         delivered = 0
         for connection, subscription in list(subscribers.items()):
             frame = broadcast.frame(connection.vsn)
             if not subscription.live:
-                self._hold(subscription, message_id, frame)
-            elif message_id > subscription.after_id and connection.send(frame):
+                self._hold(subscription, seq, frame)
+            elif seq > subscription.after_seq and connection.send(frame):
                 delivered += 1
+                # Metrics: start of the delivery latency, see Connection.flush.
+                if connection.oldest_message_at is None:
+                    connection.oldest_message_at = origin
         MESSAGES_DELIVERED.inc(delivered)
         return delivered
 
-    def _hold(self, subscription: Subscription, message_id: int, frame: bytes) -> None:
+    def _hold(self, subscription: Subscription, seq: int, frame: bytes) -> None:
         connection = subscription.connection
         if not connection.is_open:
             return
@@ -545,28 +443,43 @@ class Hub:
             subscription.pending_bytes = 0
             connection.close_slow_consumer(required)
             return
-        subscription.pending.append((message_id, frame))
+        subscription.pending.append((seq, frame))
         subscription.pending_bytes += len(frame)
 
-    async def consume_bus(
-        self, events: trio.MemoryReceiveChannel[dict[str, Any]]
-    ) -> None:
-        """Broadcast the DB writer's bus events until the channel closes.
+    # The DB writer's bus
 
-        Events are `{"event": "message", "topic": "channel:NAME", "message": {...}}`.
-        Others are ignored.
+    def handle_bus_event(self, event: dict[str, Any]) -> None:
+        """Apply one bus event: broadcast a `message`, or run its handler.
+
+        Events are `{"event": "message", "topic": "channel:NAME", "message": {...}}`
+        and the events in `bus_handlers`. Others are ignored. The caller
+        flushes after a batch of events.
         """
-        async for event in events:
-            if event.get("event") != "message":
-                log.debug("ignoring bus event %r", event.get("event"))
-                continue
+        name = event.get("event")
+        if name == "message":
             topic = event.get("topic")
             message = event.get("message")
             if not isinstance(topic, str) or not isinstance(message, dict):
                 log.warning("ignoring malformed bus message event for topic %r", topic)
-                continue
+                return
             self.broadcast_message(topic, message)
-        log.info("message bus closed; no more broadcasts")
+            return
+        handler = self.bus_handlers.get(str(name))
+        if handler is not None:
+            handler(event)
+        else:
+            log.debug("ignoring bus event %r", name)
 
-    def connections(self) -> Iterable[Connection]:
-        return iter(list(self._connections))
+    async def consume_bus(
+        self, events: trio.MemoryReceiveChannel[dict[str, Any]]
+    ) -> None:
+        """Apply the bus events of a memory channel until it closes.
+
+        The acceptor reads its bus with `bus.BusClient`; this is for callers
+        that hold an `ipc.RpcClient` subscribed to the bus.
+        """
+        async for event in events:
+            self.handle_bus_event(event)
+            if not events.statistics().current_buffer_used:
+                self.flush()
+        log.info("message bus closed; no more broadcasts")

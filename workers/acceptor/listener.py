@@ -141,15 +141,18 @@ class Listener:
                 log.error("accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
-            connections.start_soon(self._handle, stream)
+            connections.start_soon(self._handle, stream, connections)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(
+        self, stream: trio.SocketStream, connections: trio.Nursery
+    ) -> None:
         try:
             peer = stream.socket.getpeername()
             client = (str(peer[0]), int(peer[1]))
         except OSError:
             await stream.aclose()
             return
+        handed_over = False
         try:
             buffer = await self._read_head(stream)
             if buffer is None:
@@ -162,7 +165,13 @@ class Listener:
                 await _send_simple(stream, 400, "Bad Request")
                 return
             if head.path == WEBSOCKET_PATH:
-                await handle_websocket(self.services, stream, head, bytes(buffer[end:]))
+                # A task of its own, so that this task ends and frees the
+                # request buffer; handle_websocket closes the stream.
+                rest = bytes(buffer[end:])
+                connections.start_soon(
+                    handle_websocket, self.services, stream, head, rest
+                )
+                handed_over = True
                 return
             server = TCPServer(
                 self.app,
@@ -175,8 +184,9 @@ class Listener:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            if not handed_over:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
 
     async def _read_head(self, stream: trio.SocketStream) -> bytearray | None:
         """Read until the end of the request head; None if the client gave up."""

@@ -10,14 +10,19 @@ import trio
 
 from deeperhub.auth.passwords import PasswordService
 from deeperhub.auth.tokens import TokenService
-from deeperhub.ipc import RemoteError, open_rpc_client
+from deeperhub.ipc import open_rpc_client
 from deeperhub.storage.reads import open_read_pool
 
+from .bus import BusClient
 from .http_app import create_app
 from .hub import Hub
 from .listener import Listener, open_listen_socket
+from .pushes import PushPipeline
 from .remote_ops import register_remote_ops
+from .security_gate import SecurityGate
 from .services import Services
+from .session import DB_CALL_TIMEOUT
+from .token_watch import TokenWatch
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -46,10 +51,15 @@ async def serve(ctx: WorkerContext) -> None:
     async with open_read_pool(
         settings.db_path, int(settings["database.pool_size"])
     ) as reads:
-        hub = Hub(settings)
+        hub = Hub(settings, worker_id=ctx.worker_id)
         register_remote_ops(ctx, hub)
         async with trio.open_nursery() as nursery:
             db = await nursery.start(_keep_db_client, settings, None)
+            token_watch = TokenWatch(settings, hub)
+            hub.bus_handlers["revoked"] = token_watch.apply_revocation
+            await nursery.start(token_watch.run)
+            security = SecurityGate(settings)
+            await nursery.start(security.run)
             services = Services(
                 settings=settings,
                 db=db,
@@ -59,10 +69,16 @@ async def serve(ctx: WorkerContext) -> None:
                 hub=hub,
                 worker_id=ctx.worker_id,
                 supervisor=ctx.supervisor,
+                token_watch=token_watch,
+                security=security,
             )
             # From now on the reconnect loops replace services.db in place.
             nursery.start_soon(_keep_db_client, settings, services, db)
-            await nursery.start(_keep_bus, settings, hub)
+            # Fan-out: the flusher, pipelined pushes and the bus (see bus.py).
+            await nursery.start(hub.run_flusher)
+            services.pushes = PushPipeline(settings, hub, timeout=DB_CALL_TIMEOUT)
+            await nursery.start(services.pushes.run)
+            await nursery.start(BusClient(settings, hub).run)
 
             app = create_app(services)
             host = str(settings["server.host"])
@@ -117,30 +133,6 @@ async def _keep_db_client(
             log.info("reconnected to the DB writer")
             await client.closed_event.wait()
             log.warning("connection to the DB writer closed; reconnecting")
-
-
-async def _keep_bus(
-    settings: Settings,
-    hub: Hub,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Subscribe to the DB writer's message bus and feed it to the hub, forever."""
-    path = settings.socket_path("db")
-    started = False
-    while True:
-        async with _connect_with_retry(path) as bus:
-            try:
-                await bus.call("bus_subscribe")
-            except (trio.BrokenResourceError, trio.ClosedResourceError, RemoteError):
-                log.warning("bus subscription to the DB writer failed; retrying")
-                await trio.sleep(RECONNECT_DELAY_MAX)
-                continue
-            if not started:
-                task_status.started()
-                started = True
-            await hub.consume_bus(bus.events)
-        log.warning("message bus connection closed; resubscribing")
 
 
 @asynccontextmanager

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     from deeperhub.storage.reads import ReadPool
 
     from .hub import Hub
+    from .pushes import PushPipeline
+    from .security_gate import SecurityGate
+    from .token_watch import TokenWatch
 
 __all__ = ["Services"]
 
@@ -30,3 +33,12 @@ class Services:
     worker_id: str = "acceptor"
     # Requests to the supervisor (status for /health); None in unit tests.
     supervisor: RpcClient | None = None
+    # Expiry and revocation of WebSocket tokens, security events; None in unit
+    # tests that do not need it.
+    token_watch: TokenWatch | None = None
+    # Client IPs, blocks, rate limits and payload rules; None in unit tests
+    # that do not need it.
+    security: SecurityGate | None = None
+    # Pipelined `insert_message` requests of WebSocket pushes; None in unit
+    # tests, where each push waits for its reply on `db`.
+    pushes: PushPipeline | None = None

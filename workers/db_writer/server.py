@@ -7,6 +7,11 @@ a worker thread (group commit), then replies and publishes the bus events in
 commit order. Each connection has a bounded outbox drained by its own sender
 task, so a client that stops reading never blocks the writer: when its outbox
 is full, the connection is dropped.
+
+Bus subscribers (the acceptors) also send their presence changes here, and
+the server relays them to the other subscribers (`presence.py`). Message
+retention runs as `prune_messages` requests to this same socket
+(`retention.py`).
 """
 
 from __future__ import annotations
@@ -19,15 +24,24 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from deeperhub.errors import ProtocolError
+from deeperhub.errors import ProtocolError, StorageError
 from deeperhub.ipc import encode_message, serve_unix
-from deeperhub.metrics import DB_BATCH_SIZE, DB_QUERY_DURATION, DB_WRITES
+from deeperhub.metrics import (
+    DB_BATCH_SIZE,
+    DB_QUERY_DURATION,
+    DB_WRITER_QUEUE_DEPTH,
+    DB_WRITES,
+)
 from deeperhub.storage.database import open_write_connection
 from deeperhub.storage.migrations import apply_migrations
 from deeperhub.storage.writes import WRITE_OPS, WriteExecutor, WriteOutcome
 
+from .maintenance import BackupHandler, run_token_purge
+from .presence import PresenceRegistry
+from .retention import run_retention
+
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping
     from pathlib import Path
 
     from deeperhub.ipc import MessageStream
@@ -127,8 +141,12 @@ class DbWriterServer:
         *,
         max_batch: int,
         outbox_size: int = OUTBOX_MAX_MESSAGES,
+        backup: Callable[[Mapping[str, Any]], Awaitable[WriteOutcome]] | None = None,
     ) -> None:
         self.executor = executor
+        # Handler of the `backup` op (maintenance.BackupHandler); it runs
+        # outside the batches, so it is not in WRITE_OPS.
+        self.backup = backup
         self.max_batch = max_batch
         self.outbox_size = outbox_size
         # Handlers send on clones of `_requests_send`, so the writer's loop ends
@@ -138,6 +156,7 @@ class DbWriterServer:
         )
         self._peers: set[_Peer] = set()
         self._subscribers: set[_Peer] = set()
+        self.presence = PresenceRegistry()
         self._next_peer = 0
         self._closing = False
         self._writer_done = trio.Event()
@@ -205,7 +224,12 @@ class DbWriterServer:
             log.exception("IPC connection %d failed", peer.number)
         finally:
             self._peers.discard(peer)
-            self._subscribers.discard(peer)
+            if peer in self._subscribers:
+                self._subscribers.discard(peer)
+                # The acceptor behind this bus connection stopped or crashed:
+                # the others must drop the presences it tracked.
+                for event in self.presence.drop(peer):
+                    self._publish(event)
             if self._closing and not self._peers:
                 self._peers_gone.set()
 
@@ -226,6 +250,9 @@ class DbWriterServer:
     async def _dispatch(self, peer: _Peer, message: dict[str, Any]) -> None:
         request_id = message.get("id")
         op = message.get("op")
+        if "id" not in message and "event" in message:
+            self._handle_event(peer, message)
+            return
         if isinstance(request_id, bool) or not isinstance(request_id, int):
             log.warning(
                 "ignoring IPC message without an integer id on connection %d (op %r)",
@@ -237,9 +264,15 @@ class DbWriterServer:
         args = message.get("args", {})
         if op == "ping":
             self._reply(peer, WriteOutcome(result={}), request_id)
+        elif op == "backup" and self.backup is not None and isinstance(args, dict):
+            self._reply(peer, await self.backup(args), request_id)
         elif op == "bus_subscribe":
             self._subscribers.add(peer)
             self._reply(peer, WriteOutcome(result={}), request_id)
+            if isinstance(args, dict) and args.get("presence") is True:
+                # Pushed after the reply and before any later event, so the
+                # subscriber starts from a state that the next events build on.
+                self._push_event(peer, self.presence.snapshot(exclude=peer))
         elif not isinstance(op, str) or op not in WRITE_OPS:
             log.warning("unknown op %r on IPC connection %d", op, peer.number)
             DB_WRITES.labels(op="unknown", outcome="invalid").inc()
@@ -296,6 +329,10 @@ class DbWriterServer:
                             batch.append(self._requests.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
+                    waiting = self._requests.statistics()
+                    DB_WRITER_QUEUE_DEPTH.set(
+                        waiting.current_buffer_used + waiting.tasks_waiting_send
+                    )
                     await self._commit(batch)
         finally:
             self._writer_done.set()
@@ -325,7 +362,40 @@ class DbWriterServer:
             for event in outcome.events:
                 self._publish(event)
 
-    def _publish(self, event: dict[str, Any]) -> None:
+    def _handle_event(self, peer: _Peer, message: dict[str, Any]) -> None:
+        """Relay a one-way presence event of a bus subscriber (see presence.py)."""
+        event = message.get("event")
+        if peer not in self._subscribers:
+            log.warning(
+                "ignoring %r event on IPC connection %d: not a bus subscriber",
+                event,
+                peer.number,
+            )
+            return
+        if event == "presence":
+            relayed = self.presence.apply(peer, message)
+            if relayed is not None:
+                self._publish(relayed, exclude=peer)
+        elif event == "presence_sync":
+            for relayed in self.presence.sync(peer, message):
+                self._publish(relayed, exclude=peer)
+        else:
+            log.warning("unknown event %r on IPC connection %d", event, peer.number)
+
+    def _push_event(self, peer: _Peer, event: dict[str, Any]) -> None:
+        try:
+            framed = encode_message(event)
+        except ProtocolError as exc:
+            log.error(
+                "cannot send a %s event on IPC connection %d: %s",
+                event.get("event"),
+                peer.number,
+                exc,
+            )
+            return
+        peer.push(framed)
+
+    def _publish(self, event: dict[str, Any], exclude: _Peer | None = None) -> None:
         """Send one bus event, encoded once, to every subscribed connection."""
         if not self._subscribers:
             return
@@ -335,7 +405,8 @@ class DbWriterServer:
             log.error("cannot publish a bus event on %s: %s", event.get("topic"), exc)
             return
         for peer in list(self._subscribers):
-            peer.push(framed)
+            if peer is not exclude:
+                peer.push(framed)
 
 
 def _log_storage_errors(batch: list[_Queued], outcomes: list[WriteOutcome]) -> None:
@@ -363,22 +434,35 @@ async def serve(ctx: WorkerContext) -> None:
     socket_path = settings.socket_path("db")
     log.info("DB writer %s starting with database %s", ctx.worker_id, db_path)
 
-    conn = await trio.to_thread.run_sync(
-        partial(
-            open_write_connection,
-            db_path,
-            synchronous=str(settings["database.synchronous"]),
-            busy_timeout_ms=int(settings["database.busy_timeout_ms"]),
+    # A StorageError here (corrupt or unreadable file) ends the worker, and the
+    # supervisor then refuses to start rather than serve errors.
+    try:
+        conn = await trio.to_thread.run_sync(
+            partial(
+                open_write_connection,
+                db_path,
+                synchronous=str(settings["database.synchronous"]),
+                busy_timeout_ms=int(settings["database.busy_timeout_ms"]),
+                checkpoint_pages=int(settings["database.checkpoint_pages"]),
+            )
         )
-    )
+    except StorageError as exc:
+        log.critical("DB writer %s cannot start: %s", ctx.worker_id, exc.message)
+        raise
     try:
         await trio.to_thread.run_sync(apply_migrations, conn)
         server = DbWriterServer(
-            WriteExecutor(conn), max_batch=int(settings["database.max_batch"])
+            WriteExecutor(conn),
+            max_batch=int(settings["database.max_batch"]),
+            backup=BackupHandler(settings),
         )
         # Leave half of the supervisor's SIGTERM-to-SIGKILL time for the rest.
         grace = float(settings["supervisor.shutdown_timeout"]) / 2
-        await server.run(socket_path, ctx, stop_grace=grace)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_token_purge, settings)
+            nursery.start_soon(run_retention, settings)
+            await server.run(socket_path, ctx, stop_grace=grace)
+            nursery.cancel_scope.cancel()
     finally:
         conn.close()
     log.info("DB writer %s stopped, database %s closed", ctx.worker_id, db_path)
