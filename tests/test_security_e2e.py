@@ -230,9 +230,14 @@ def test_ws_flood_rejected_then_closed(proxied: Daemon) -> None:
     assert all(r["response"] == {"reason": "rate_limited"} for r in rejected)
     assert set(replies) <= {str(ref) for ref in range(1, 9)}
     assert code == 1008
-    stored = wait_for(
-        lambda: [row[0] for row in query_db(proxied, "SELECT body FROM messages")]
-    )
+
+    # Pushes are pipelined to the DB writer, so the 4 commits may land after
+    # the close: wait for all of them.
+    def stored_bodies() -> list[str] | None:
+        rows = [row[0] for row in query_db(proxied, "SELECT body FROM messages")]
+        return rows if len(rows) >= 4 else None
+
+    stored = wait_for(stored_bodies)
     assert sorted(stored) == [f"message {ref}" for ref in range(2, 6)]
     (alert,) = wait_for(lambda: alerts(proxied, "ws_flood", "198.51.100.50"))
     assert alert["user_id"] == user["id"]
@@ -314,7 +319,7 @@ def test_block_expires_and_escalates() -> None:
 
 
 def test_http_rate_limit_429() -> None:
-    # Limits count per acceptor process, so one acceptor sees every request.
+    # Limits count per acceptor process, so one acceptor must get every request.
     settings = {"security.rate_limit_api": 5, "server.acceptors": 1}
     with open_daemon(settings) as daemon:
         base = daemon.base_url
