@@ -14,7 +14,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from quart import Blueprint, request
+from quart import Blueprint, g, request
 
 from deeperhub.auth.tokens import REFRESH, TokenError
 from deeperhub.ipc import RemoteError
@@ -186,18 +186,21 @@ def create_auth_blueprint(api: Api) -> Blueprint:
             )
         except RemoteError as exc:
             if exc.code == "reused":
+                # The security gate stores the client IP resolved behind
+                # trusted proxies; without the gate it is the peer address.
+                client_ip = g.get("client_ip") or request.remote_addr
                 log.warning(
                     "refresh token reused for user %s from %s, so its token family "
                     "is revoked",
                     claims["sub"],
-                    request.remote_addr,
+                    client_ip,
                 )
                 if services.token_watch is not None:
                     services.token_watch.notify_security(
                         {
                             "event": "security",
                             "kind": "refresh_token_reuse",
-                            "ip": request.remote_addr,
+                            "ip": client_ip,
                             "user_id": int(claims["sub"]),
                         }
                     )
