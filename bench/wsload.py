@@ -104,7 +104,7 @@ def open_clients(
 
     Connections come from 127.0.0.1 .. 127.0.0.`sources`, so that more than
     one source address shares the ephemeral ports. Raises RuntimeError if a
-    handshake is answered with anything but 101.
+    handshake gets a status other than 101.
     """
     selector = selectors.DefaultSelector()
     done: list[Client] = []
@@ -157,9 +157,9 @@ def open_clients(
 
 
 _HEARTBEAT = phoenix(None, "hb", "phoenix", "heartbeat", {})
-# Seconds between heartbeats; servers close connections silent for longer
-# than their heartbeat timeout (60 s by default on DeeperHub, like phoenix.js
-# which sends one every 30 s).
+# Seconds between heartbeats. Servers close connections that stay silent for
+# longer than their heartbeat timeout (60 s by default on DeeperHub, whose
+# phoenix.js clients send a heartbeat every 30 s).
 HEARTBEAT_INTERVAL = 20.0
 
 
@@ -207,7 +207,7 @@ def _join_all(clients: list[Client], topic: str, timeout: float) -> None:
     marker = b'"phx_reply",{"status":"ok"'
     while joined < len(clients):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {joined} of {len(clients)} joins answered")
+            raise RuntimeError(f"only {joined} of {len(clients)} joins acknowledged")
         for key, _ in selector.select(1.0):
             client = key.data
             try:

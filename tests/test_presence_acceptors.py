@@ -143,7 +143,7 @@ def test_presence_survives_db_writer_restart(
         daemon.wait_healthy()
 
         # Each acceptor sends its metas again after it resubscribed; poll until
-        # a new joiner on acceptor-1 sees both.
+        # the presence state of a new joiner contains both.
         deadline = time.monotonic() + 20
         while True:
             with_both = False
@@ -191,7 +191,8 @@ def test_dead_acceptor_presence_removed(
         view.wait_for(everyone)
 
         os.kill(daemon.worker_pid("acceptor-1"), signal.SIGKILL)
-        # The DB writer sees acceptor-1's bus connection end and relays leaves.
+        # The DB writer detects the end of acceptor-1's bus connection and
+        # relays leaves for its metas.
         view.wait_for({str(bob["id"])}, timeout=10)
     finally:
         a.close()

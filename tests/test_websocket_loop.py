@@ -33,7 +33,7 @@ from deeperhub.config import Settings, load_settings
 from deeperhub.http_head import find_head_end, parse_request_head
 from deeperhub.ipc import open_rpc_client
 from deeperhub.storage.reads import open_read_pool
-from workers.acceptor import websocket as websocket_module
+from workers.acceptor import session as session_module
 from workers.acceptor.hub import Hub
 from workers.acceptor.pushes import PushPipeline
 from workers.acceptor.services import Services
@@ -825,7 +825,7 @@ async def test_slow_consumer_closed_others_still_receive(
 ) -> None:
     # The slow client never reads, so its Close frame cannot be delivered and
     # the server drops TCP after CLOSE_TIMEOUT.
-    monkeypatch.setattr(websocket_module, "CLOSE_TIMEOUT", 0.5)
+    monkeypatch.setattr(session_module, "CLOSE_TIMEOUT", 0.5)
     # Small kernel buffers on both ends, so that a client that does not read
     # backs up into the server's send buffer quickly.
     async with open_env(
@@ -873,3 +873,13 @@ async def test_slow_consumer_closed_others_still_receive(
             while await slow.receive_some(65536):
                 pass
         await slow.aclose()
+
+
+async def test_close_before_attach_is_sent() -> None:
+    async with open_env() as env:
+        _, token = await env.user("alice")
+        # As when close_all starts while this upgrade is in progress: the
+        # connection is closed as soon as it is registered.
+        env.hub._shutdown_close = (1012, "server restart")
+        async with open_ws(env, token) as ws:
+            assert await expect_close(ws) == (1012, "server restart")

@@ -1,7 +1,7 @@
 """Blocking WebSocket and Phoenix clients over raw sockets, for end-to-end tests.
 
-`RawWebSocket` writes frames byte by byte as the test asks, including frames
-that break RFC 6455, and parses what the server sends back. `Phoenix` speaks
+`RawWebSocket` writes the frames that a test builds, including frames that
+break RFC 6455, and parses what the server sends back. `Phoenix` speaks
 Phoenix Channels V2 on top of it. Both use plain blocking sockets with
 timeouts, so they run in ordinary (non-trio) tests against a real daemon.
 """
@@ -62,7 +62,7 @@ class Closed(Exception):
 
 
 class RawWebSocket:
-    """One client connection; frames are masked unless a test says otherwise."""
+    """One client connection; frames are masked unless a test turns it off."""
 
     def __init__(
         self,

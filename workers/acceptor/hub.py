@@ -91,6 +91,9 @@ def connection_budget(total: int, acceptors: int, worker_id: str) -> int:
     Acceptor N of M (worker id `acceptor-N`) gets `total // M`, plus one for
     the first `total % M` acceptors, so the shares add up to `total`. Any
     other worker id (a single acceptor in tests) gets `total`.
+
+    NOTE: a full acceptor rejects upgrades with 503 while another may still
+    have room, because the kernel, not DeeperHub, picks the acceptor.
     """
     match = _ACCEPTOR_NUMBER.match(worker_id)
     if match is None or acceptors <= 1:

@@ -129,6 +129,8 @@ async def _check(
         raise JoinRejected("invalid_topic") from None
     if len(connection.subscriptions) >= session.max_joins:
         raise JoinRejected("too_many_joins")
+    # NOTE: other acceptors' joins are known through the bus, a few
+    # milliseconds late, so simultaneous joins on two acceptors can pass.
     joined = session.hub.presence.topics_of_user(connection.user_id)
     if topic not in joined and len(joined) >= session.max_joins_per_user:
         raise JoinRejected("too_many_joins")

@@ -119,6 +119,8 @@ class Presence:
         the order the Phoenix server uses.
         """
         connection = subscription.connection
+        # TODO: the state is encoded anew for every joiner, so N joins of one
+        # topic in a burst encode O(N^2) bytes of JSON.
         frame = encode_text(
             encode_push(
                 connection.vsn,

@@ -123,6 +123,9 @@ class Session:
         connection = self.connection
         if self.hub.runs_drains:
             connection.attach(stream.socket)
+            # Frames queued before the socket was attached, such as the
+            # Close frame of a connection closed during its upgrade.
+            connection.flush()
             try:
                 await self._serve(stream, buffered)
             finally:
@@ -164,7 +167,7 @@ class Session:
             max_message_size=int(self.settings["websocket.max_frame_size"]),
             max_fragments=int(self.settings["websocket.max_fragments"]),
         )
-        data = buffered
+        data: bytes | None = buffered
         reading = True
         try:
             while True:
