@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import trio
 
 from deeperhub.storage import reads
 from deeperhub.storage.database import open_read_connection, open_write_connection
 from deeperhub.storage.migrations import apply_migrations
 from deeperhub.storage.writes import WriteExecutor
+from workers.db_writer.retention import run_retention
+
+from .test_fanout_reconnect import serve_fake_db_writer
+from .test_hub import make_settings
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-    from pathlib import Path
+
+    from deeperhub.ipc import MessageStream
 
 START = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
@@ -200,3 +208,41 @@ def test_replay_window_unknown_channel(store: Store) -> None:
         reads.replay_window(store.reader, 999, after_id=0, limit=5)
     with pytest.raises(ValueError, match="exactly one"):
         reads.replay_window(store.reader, 1, limit=5)
+
+
+async def test_retention_runner_survives_errors() -> None:
+    with tempfile.TemporaryDirectory(prefix="dh-prune-") as tmp:
+        directory = Path(tmp)
+        (directory / "run").mkdir()
+        settings = make_settings(directory, **{"retention.interval": 0.01})
+        calls: list[dict[str, Any]] = []
+        pruned = trio.Event()
+
+        async def handler(messages: MessageStream, number: int) -> None:
+            request = await messages.receive()
+            while request is not None:
+                calls.append(request)
+                if len(calls) == 1:
+                    error = {"code": "storage", "message": "disk full"}
+                    reply = {"id": request["id"], "ok": False, "error": error}
+                else:
+                    reply = {
+                        "id": request["id"],
+                        "ok": True,
+                        "result": {"deleted": 1, "more": len(calls) == 2},
+                    }
+                    if len(calls) == 3:
+                        pruned.set()
+                await messages.send(reply)
+                request = await messages.receive()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                serve_fake_db_writer, settings.socket_path("db"), handler
+            )
+            nursery.start_soon(run_retention, settings)
+            with trio.fail_after(5):
+                await pruned.wait()
+            nursery.cancel_scope.cancel()
+        assert [call["op"] for call in calls[:3]] == ["prune_messages"] * 3
+        assert calls[0]["args"] == {"max_messages": 0, "max_age": 0, "limit": 1000}

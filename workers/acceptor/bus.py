@@ -82,10 +82,15 @@ class BusClient:
                             started = True
                             task_status.started()
                     nursery.cancel_scope.cancel()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.warning("message bus connection failed: %s", exc)
-            except ProtocolError as exc:
-                log.error("invalid message on the bus: %s", exc)
+            # The nursery wraps errors of its tasks in exception groups.
+            except* (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+            ) as exc:
+                log.warning("message bus connection failed: %s", exc.exceptions[0])
+            except* ProtocolError as exc:
+                log.error("invalid message on the bus: %s", exc.exceptions[0])
             finally:
                 self._subscribed = False
                 self._outbox.clear()

@@ -110,10 +110,17 @@ class PushPipeline:
                     nursery.start_soon(self._expire_loop)
                     await self._receive_loop(stream)
                     nursery.cancel_scope.cancel()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                log.warning("push connection to the DB writer failed: %s", exc)
-            except ProtocolError as exc:
-                log.error("invalid reply from the DB writer: %s", exc)
+            # The nursery wraps errors of its tasks in exception groups.
+            except* (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+            ) as exc:
+                log.warning(
+                    "push connection to the DB writer failed: %s", exc.exceptions[0]
+                )
+            except* ProtocolError as exc:
+                log.error("invalid reply from the DB writer: %s", exc.exceptions[0])
             finally:
                 self._connected = False
                 self._outbox.clear()

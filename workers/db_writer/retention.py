@@ -40,18 +40,19 @@ async def run_retention(settings: Settings) -> None:
     }
     while True:
         await trio.sleep(interval)
+        deleted = 0
         try:
             deleted = await _prune(path, args)
-        except (
+        # The IPC client's nursery wraps errors in exception groups.
+        except* (
             OSError,
             RemoteError,
             ProtocolError,
             trio.TooSlowError,
             trio.BrokenResourceError,
             trio.ClosedResourceError,
-        ) as exc:
-            log.warning("message retention pass failed: %s", exc)
-            continue
+        ) as group:
+            log.warning("message retention pass failed: %s", group.exceptions[0])
         if deleted:
             log.info("message retention deleted %d messages", deleted)
 
