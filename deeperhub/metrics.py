@@ -5,7 +5,8 @@ Each worker process writes its samples to files under `$PROMETHEUS_MULTIPROC_DIR
 empty at start, and `/metrics` on any acceptor sums the files of every process,
 including those of processes that exited, so counters keep counting across
 worker restarts. Gauges use a `live*` mode where a dead process's value must
-disappear; the supervisor removes those files (`sweep_dead_processes`). Without
+disappear. The supervisor folds the files of exited processes into archive
+files (`sweep_dead_processes`), so scrapes do not slow down with restarts. Without
 the variable (unit tests), the series live in the default in-process registry.
 
 prometheus-client picks its storage when it is first imported, so a process
@@ -19,9 +20,7 @@ Series computed at scrape time (process, host and database file sizes) are in
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from deeperhub import metrics_archive
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -240,32 +241,21 @@ def update_supervisor_series(worker_ids: Iterable[str]) -> None:
     sweep_dead_processes()
 
 
-_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db$")
-
-
 def sweep_dead_processes(directory: str | None = None) -> list[int]:
-    """Remove the live-gauge files of processes that no longer exist.
+    """Fold the metric files of processes that no longer exist; return their pids.
 
-    Returns the pids that were swept. prometheus-client keeps a dead process's
-    `live*` gauge values (open connections, pool usage) until its files are
-    removed, so the supervisor calls this periodically.
+    A dead process's `live*` gauges (open connections, pool usage) disappear
+    and its counters, histograms and other gauges move into the archive files,
+    so scrapes keep the same totals while reading fewer files. The supervisor
+    calls this periodically. See `deeperhub.metrics_archive`.
     """
-    from prometheus_client import multiprocess
-
-    # TODO: counter and histogram files of exited processes are kept and never
-    # merged, so every worker restart adds files that each scrape reads again
-    # (bench/metrics_scrape.py measures the cost).
     path = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
         return []
-    dead: set[int] = set()
-    for name in glob.glob(os.path.join(path, "gauge_live*_*.db")):
-        match = _LIVE_GAUGE_FILE.search(os.path.basename(name))
-        if match and not _process_exists(int(match.group(1))):
-            dead.add(int(match.group(1)))
-    for pid in sorted(dead):
-        multiprocess.mark_process_dead(pid, path)
-    return sorted(dead)
+    dead = metrics_archive.dead_pids(path, _process_exists)
+    for pid in dead:
+        metrics_archive.fold_dead_process(path, pid)
+    return dead
 
 
 def _process_exists(pid: int) -> bool:
@@ -288,7 +278,8 @@ def render_metrics(extra: Collector | None = None) -> bytes:
         multiprocess.MultiProcessCollector(registry, path=directory)
         if extra is not None:
             registry.register(extra)
-        return generate_latest(registry)
+        with metrics_archive.scrape_lock(directory):
+            return generate_latest(registry)
 
     text = generate_latest(REGISTRY)
     if extra is not None:

@@ -58,7 +58,7 @@ def test_message_origin_invalid(value: object) -> None:
     assert metrics.message_origin({"inserted_at": value}) is None
 
 
-def test_sweep_removes_dead_live_gauges(tmp_path: Path) -> None:
+def test_sweep_folds_dead_processes_only(tmp_path: Path) -> None:
     exited = dead_pid()
     alive = os.getpid()
     files = {
@@ -66,17 +66,19 @@ def test_sweep_removes_dead_live_gauges(tmp_path: Path) -> None:
         "dead_max": tmp_path / f"gauge_max_{exited}.db",
         "dead_counter": tmp_path / f"counter_{exited}.db",
         "alive_live": tmp_path / f"gauge_livesum_{alive}.db",
+        "alive_counter": tmp_path / f"counter_{alive}.db",
     }
     for path in files.values():
         path.write_bytes(b"")
 
     assert metrics.sweep_dead_processes(str(tmp_path)) == [exited]
 
+    # tests/test_metrics_archive.py checks that the values survive the fold.
     assert not files["dead_live"].exists()
-    # Counters and non-live gauges of dead processes keep counting in the sum.
-    assert files["dead_max"].exists()
-    assert files["dead_counter"].exists()
+    assert not files["dead_max"].exists()
+    assert not files["dead_counter"].exists()
     assert files["alive_live"].exists()
+    assert files["alive_counter"].exists()
 
 
 def test_sweep_without_directory_does_nothing(
