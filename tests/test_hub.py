@@ -447,7 +447,7 @@ async def test_close_all_sends_code_and_waits(tmp_path: Path) -> None:
             client = Client(connect(hub, user_id, f"user{user_id}")).start(nursery)
             clients.append(client)
             nursery.start_soon(serve, client)
-        assert hub.reserve_slot()
+        assert await hub.reserve_slot()
         hub.release_slot()
 
         with trio.fail_after(5):
@@ -455,7 +455,7 @@ async def test_close_all_sends_code_and_waits(tmp_path: Path) -> None:
 
         assert hub.connection_count == 0
         assert hub.shutting_down.is_set()
-        assert not hub.reserve_slot()
+        assert not await hub.reserve_slot()
         for client in clients:
             assert client.messages() == [("close", 1012, "server restart")]
         nursery.cancel_scope.cancel()
@@ -463,11 +463,11 @@ async def test_close_all_sends_code_and_waits(tmp_path: Path) -> None:
 
 async def test_reserve_slot_enforces_max_connections(tmp_path: Path) -> None:
     hub = Hub(make_settings(tmp_path, **{"server.max_connections": 2}))
-    assert hub.reserve_slot()
-    assert hub.reserve_slot()
-    assert not hub.reserve_slot()
+    assert await hub.reserve_slot()
+    assert await hub.reserve_slot()
+    assert not await hub.reserve_slot()
     hub.release_slot()
-    assert hub.reserve_slot()
+    assert await hub.reserve_slot()
 
 
 async def test_direct_write_drains_full_socket(tmp_path: Path) -> None:

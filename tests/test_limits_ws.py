@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import sqlite3
+import time
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from .daemon import Daemon
-from .wsraw import Closed, Phoenix, RawWebSocket, register
+from .wsraw import Phoenix, RawWebSocket, register, worker_call
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -170,30 +174,209 @@ def test_invalid_topic_creates_nothing(
     assert table_counts(daemon) == before
 
 
-def test_max_connections_across_acceptors(tmp_path: Path) -> None:
-    env = {"DEEPERHUB_ACCEPTORS": "2", "MAX_CONNECTIONS": "4", **OPEN_LIMITS}
-    daemon = Daemon(tmp_path / "var", env=env)
+# Two acceptors with small limits, for the limits that count over acceptors.
+ACCEPTORS = ("acceptor-1", "acceptor-2")
+PAIR_MAX_CONNECTIONS = 4
+PAIR_MAX_JOINS_PER_USER = 2
+PAIR_CHANNELS = ("j1", "j2", "j3", "j4", "j5", "j6")
+# Attempts to land a connection on a given acceptor. The kernel picks the
+# acceptor by a hash of the client's port, so 40 misses are very unlikely.
+PLACEMENT_ATTEMPTS = 40
+
+
+@pytest.fixture(scope="module")
+def pair(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Daemon, dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("pair")
+    env = write_config(
+        root, f"[websocket]\nmax_joins_per_user = {PAIR_MAX_JOINS_PER_USER}\n"
+    )
+    env.update(
+        {"DEEPERHUB_ACCEPTORS": "2", "MAX_CONNECTIONS": str(PAIR_MAX_CONNECTIONS)}
+    )
+    daemon = Daemon(root / "var", env=env)
     daemon.start()
+    try:
+        user = register(daemon.base_url, "juggler")
+        for name in PAIR_CHANNELS:
+            response = httpx.post(
+                daemon.base_url + "/api/channels",
+                json={"name": name},
+                headers={"authorization": f"Bearer {user['access_token']}"},
+            )
+            assert response.status_code == 201, response.text
+        yield daemon, user
+    finally:
+        daemon.stop()
+
+
+def placement(daemon: Daemon) -> dict[str, set[int]]:
+    """Return the ids of the connections open on each acceptor."""
+    return {
+        worker: {c["id"] for c in worker_call(daemon.var_dir, worker, "connections")}
+        for worker in ACCEPTORS
+    }
+
+
+def admission_counts(daemon: Daemon) -> dict[str, Any]:
+    """Return the DB writer's totals over both acceptors."""
+    return dict(worker_call(daemon.var_dir, "db_writer", "admission"))
+
+
+def wait_for_admission(daemon: Daemon, expected: dict[str, Any]) -> None:
+    deadline = time.monotonic() + 10
+    while (counts := admission_counts(daemon)) != expected:
+        assert time.monotonic() < deadline, f"admission counts: {counts}"
+        time.sleep(0.05)
+
+
+def wait_for_placement(daemon: Daemon, total: int) -> dict[str, set[int]]:
+    """Wait until `total` connections are open over both acceptors."""
+    deadline = time.monotonic() + 10
+    while sum(map(len, (placed := placement(daemon)).values())) != total:
+        assert time.monotonic() < deadline, f"connections: {placed}"
+        time.sleep(0.05)
+    return placed
+
+
+def open_on(daemon: Daemon, token: str, acceptor: str) -> RawWebSocket:
+    """Open a connection on `acceptor`, closing those that land on the other.
+
+    Each attempt must be admitted: the caller keeps the total under the limit.
+    """
+    before = placement(daemon)
+    total = sum(map(len, before.values()))
+    for _ in range(PLACEMENT_ATTEMPTS):
+        ws = RawWebSocket(daemon.port, token)
+        assert ws.status == 101, f"{ws.response_head} with {before} open"
+        after = wait_for_placement(daemon, total + 1)
+        if after[acceptor] - before[acceptor]:
+            return ws
+        ws.close()
+        wait_for_placement(daemon, total)
+    raise AssertionError(f"no connection landed on {acceptor}")
+
+
+def rejecting_acceptors(daemon: Daemon, pids: dict[int, str]) -> set[str]:
+    """Return the acceptors (by pid) that logged an upgrade rejected with 503."""
+    log = (daemon.var_dir / "log" / "deeper_hub.log").read_text()
+    found = set()
+    for line in log.splitlines():
+        if "rejecting WebSocket upgrade with 503" in line:
+            match = re.search(r"\[(\d+)\]:", line)
+            if match is not None and int(match.group(1)) in pids:
+                found.add(pids[int(match.group(1))])
+    return found
+
+
+def open_phoenix_on(daemon: Daemon, token: str, acceptor: str) -> Phoenix:
+    return Phoenix(daemon.port, token, ws=open_on(daemon, token, acceptor))
+
+
+def test_max_connections_across_acceptors(pair: tuple[Daemon, dict[str, Any]]) -> None:
+    """MAX_CONNECTIONS counts over both acceptors, whatever the spread."""
+    daemon, user = pair
+    token = user["access_token"]
     opened: list[RawWebSocket] = []
     try:
-        token = register(daemon.base_url, "crowd")["access_token"]
-        statuses = []
-        for _ in range(16):
-            try:
-                ws = RawWebSocket(daemon.port, token)
-            except Closed:
-                statuses.append(0)
-                continue
-            statuses.append(ws.status)
-            if ws.status == 101:
-                opened.append(ws)
-            else:
-                ws.close()
-        # Each acceptor admits 2, so at most 4 are open whatever the spread.
-        assert 1 <= len(opened) <= 4
-        assert set(statuses) <= {101, 503}
-        assert statuses.count(503) == 16 - len(opened)
+        # Three on acceptor-1, above a static share of 2, and one on acceptor-2.
+        opened.append(open_on(daemon, token, "acceptor-2"))
+        for _ in range(3):
+            opened.append(open_on(daemon, token, "acceptor-1"))
+        assert admission_counts(daemon)["connections"] == PAIR_MAX_CONNECTIONS
+
+        # The fifth is rejected by both acceptors, although acceptor-2 still
+        # has room below its static share. Each acceptor logs its first 503.
+        pids = {daemon.worker_pid(worker): worker for worker in ACCEPTORS}
+        for _ in range(PLACEMENT_ATTEMPTS):
+            ws = RawWebSocket(daemon.port, token)
+            ws.close()
+            assert ws.status == 503, ws.response_head
+            if rejecting_acceptors(daemon, pids) == set(ACCEPTORS):
+                break
+        assert rejecting_acceptors(daemon, pids) == set(ACCEPTORS)
+        assert sum(map(len, placement(daemon).values())) == PAIR_MAX_CONNECTIONS
+
+        # Closing one frees a slot for the next upgrade, on either acceptor.
+        opened.pop().close()
+        wait_for_admission(daemon, {"connections": 3, "topics_by_user": {}})
+        ws = RawWebSocket(daemon.port, token)
+        opened.append(ws)
+        assert ws.status == 101, ws.response_head
+
+        # A restarted DB writer gets the counts again from both acceptors.
+        os.kill(daemon.worker_pid("db_writer"), signal.SIGKILL)
+        time.sleep(0.5)
+        daemon.wait_healthy()
+        wait_for_admission(daemon, {"connections": 4, "topics_by_user": {}})
+        for _ in range(12):
+            ws = RawWebSocket(daemon.port, token)
+            ws.close()
+            assert ws.status == 503, ws.response_head
     finally:
         for ws in opened:
             ws.close()
-        daemon.stop()
+    wait_for_admission(daemon, {"connections": 0, "topics_by_user": {}})
+
+
+def send_join(client: Phoenix, topic: str) -> str:
+    """Send a `phx_join` without waiting for its reply; return its ref."""
+    client.join_refs[topic] = str(client.ref + 1)
+    return client.push(topic, "phx_join", {})
+
+
+def test_joins_per_user_across_acceptors(pair: tuple[Daemon, dict[str, Any]]) -> None:
+    """Simultaneous joins of one user on two acceptors pass only up to the limit."""
+    daemon, user = pair
+    token = user["access_token"]
+    first = open_phoenix_on(daemon, token, "acceptor-1")
+    second = open_phoenix_on(daemon, token, "acceptor-2")
+    try:
+        # Six joins at once, three per acceptor: two distinct topics pass.
+        refs = {}
+        for client, names in ((first, PAIR_CHANNELS[:3]), (second, PAIR_CHANNELS[3:])):
+            for name in names:
+                refs[name] = (client, send_join(client, f"channel:{name}"))
+        replies = {name: client.reply(ref) for name, (client, ref) in refs.items()}
+        passed = sorted(
+            name for name, reply in replies.items() if reply["status"] == "ok"
+        )
+        assert len(passed) == PAIR_MAX_JOINS_PER_USER, replies
+        rejected = {"status": "error", "response": {"reason": "too_many_joins"}}
+        for name in set(PAIR_CHANNELS) - set(passed):
+            assert replies[name] == rejected
+        topics = [f"channel:{name}" for name in passed]
+        wait_for_admission(
+            daemon, {"connections": 2, "topics_by_user": {str(user["id"]): topics}}
+        )
+
+        # A topic the user has joined passes on the other acceptor, a new one not.
+        held, other = topics
+        holder = refs[passed[0]][0]
+        peer = second if holder is first else first
+        spare = f"channel:{sorted(set(PAIR_CHANNELS) - set(passed))[0]}"
+        assert peer.join(held)["status"] == "ok"
+        assert peer.join(spare) == rejected
+        assert holder.join(spare) == rejected
+
+        # The topic is freed only when both connections left it.
+        assert holder.call(held, "phx_leave", {})["status"] == "ok"
+        assert holder.join(spare) == rejected
+        assert peer.call(held, "phx_leave", {})["status"] == "ok"
+        user_key = str(user["id"])
+        wait_for_admission(
+            daemon, {"connections": 2, "topics_by_user": {user_key: [other]}}
+        )
+        assert holder.join(spare)["status"] == "ok"
+        assert peer.join(held) == rejected
+
+        # A closed connection frees its topics for the other acceptor.
+        holder.close()
+        left = {user_key: [other]} if refs[passed[1]][0] is peer else {}
+        wait_for_admission(daemon, {"connections": 1, "topics_by_user": left})
+        assert peer.join(held)["status"] == "ok"
+    finally:
+        first.close()
+        second.close()
+    wait_for_admission(daemon, {"connections": 0, "topics_by_user": {}})

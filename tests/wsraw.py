@@ -209,8 +209,11 @@ class RawWebSocket:
 class Phoenix:
     """Phoenix Channels V2 over a `RawWebSocket`."""
 
-    def __init__(self, port: int, token: str, **options: Any) -> None:
-        self.ws = RawWebSocket(port, token, **options)
+    def __init__(
+        self, port: int, token: str, *, ws: RawWebSocket | None = None, **options: Any
+    ) -> None:
+        """Connect, or speak Phoenix over `ws` when given, a connection already open."""
+        self.ws = ws if ws is not None else RawWebSocket(port, token, **options)
         assert self.ws.status == 101, self.ws.response_head
         self.ref = 0
         self.join_refs: dict[str, str] = {}

@@ -8,16 +8,23 @@ before a single `Hub.flush`, so a burst of messages costs one write per
 WebSocket connection and no task switch per event.
 
 It also sends this acceptor's presence changes to the DB writer, which relays
-them to the other acceptors. After each (re)subscription it first sends
-`presence_sync` with every local meta, so a restarted DB writer learns the
-full state again. Changes made while the bus is down are not queued, because
-that sync covers them.
+them to the other acceptors, and the admission requests and releases of
+`admission.py`. After each (re)subscription it first sends `presence_sync`
+with every local meta and `admission_sync` with every slot and join held, so
+a restarted DB writer learns the full state again. Changes made while the bus
+is down are not queued, because these syncs cover them.
+
+A request without a reply within REQUEST_TIMEOUT seconds ends the bus
+connection, so that the next subscription's `admission_sync` replaces counts
+that the DB writer may have changed after the caller stopped waiting.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -38,7 +45,22 @@ log = logging.getLogger("deeperhub.acceptor.bus")
 RECONNECT_DELAY = 0.05
 RECONNECT_DELAY_MAX = 1.0
 RECEIVE_BYTES = 1 << 20
+# Seconds an admission request waits for the DB writer. The DB writer replies
+# without touching SQLite, so only a stuck DB writer takes this long.
+REQUEST_TIMEOUT = 2.0
 _SUBSCRIBE_ID = 1
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """A request sent on the bus connection, waiting for its reply."""
+
+    # Event sent if the reply admits the request after its caller was
+    # cancelled, so the DB writer stops counting a slot or join nobody uses.
+    release: dict[str, Any] | None
+    done: trio.Event
+    result: dict[str, Any] | None = None
+    abandoned: bool = False
 
 
 class BusClient:
@@ -48,16 +70,66 @@ class BusClient:
         self.path = settings.socket_path("db")
         self.hub = hub
         self._subscribed = False
+        # Number of subscriptions so far; an `admission_sync` went with each.
+        self.session = 0
         self._outbox: list[bytes] = []
         self._outbox_ready = trio.Event()
+        self._request_ids = itertools.count(_SUBSCRIBE_ID + 1)
+        self._requests: dict[int, _Request] = {}
+        self._session_scope: trio.CancelScope | None = None
         hub.presence.relay = self.relay
+        hub.admission.bus = self
 
     def relay(self, event: dict[str, Any]) -> None:
         """Queue a local presence change for the DB writer; never blocks."""
+        self.send(event)
+
+    def send(self, event: dict[str, Any]) -> None:
+        """Queue a one-way event for the DB writer, or drop it while unsubscribed."""
         if not self._subscribed:
             return
         self._outbox.append(encode_message(event))
         self._outbox_ready.set()
+
+    async def request(
+        self,
+        op: str,
+        args: dict[str, Any],
+        *,
+        release: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """Send a request on the bus connection and return its result.
+
+        Returns None at once while unsubscribed, and when the connection ends,
+        the request times out or the DB writer replies with an error. See
+        `_Request.release` for `release`.
+        """
+        if not self._subscribed:
+            return None
+        request_id = next(self._request_ids)
+        pending = _Request(release=release, done=trio.Event())
+        self._requests[request_id] = pending
+        self.send({"id": request_id, "op": op, "args": args})
+        try:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                await pending.done.wait()
+        finally:
+            if not pending.done.is_set():
+                pending.abandoned = True
+        if not pending.done.is_set():
+            log.warning(
+                "no reply to %s from the DB writer within %g s; resubscribing",
+                op,
+                REQUEST_TIMEOUT,
+            )
+            self._end_session()
+            return None
+        return pending.result
+
+    def _end_session(self) -> None:
+        self._subscribed = False
+        if self._session_scope is not None:
+            self._session_scope.cancel()
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -68,6 +140,7 @@ class BusClient:
             stream = await self._connect()
             try:
                 async with stream, trio.open_nursery() as nursery:
+                    self._session_scope = nursery.cancel_scope
                     request = {
                         "id": _SUBSCRIBE_ID,
                         "op": "bus_subscribe",
@@ -93,7 +166,9 @@ class BusClient:
                 log.error("invalid message on the bus: %s", exc.exceptions[0])
             finally:
                 self._subscribed = False
+                self._session_scope = None
                 self._outbox.clear()
+                self._fail_requests()
             log.warning("message bus connection closed; resubscribing")
             await trio.sleep(RECONNECT_DELAY)
 
@@ -109,21 +184,55 @@ class BusClient:
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_DELAY_MAX)
 
+    def _fail_requests(self) -> None:
+        """Wake every waiting request with no result, as the connection ended."""
+        requests, self._requests = self._requests, {}
+        for pending in requests.values():
+            pending.done.set()
+
     def _dispatch(self, message: dict[str, Any]) -> bool:
         """Apply one message. Returns True for the reply to `bus_subscribe`."""
         if "id" not in message:
             self.hub.handle_bus_event(message)
             return False
-        if message.get("id") != _SUBSCRIBE_ID or not message.get("ok"):
+        if message.get("id") != _SUBSCRIBE_ID:
+            self._resolve(message)
+            return False
+        if not message.get("ok"):
             raise ProtocolError(f"bus_subscribe failed: {message.get('error')}")
-        # Nothing local was relayed while unsubscribed, so the sync goes first
-        # and every later change follows it.
+        # Nothing local was sent while unsubscribed, so the syncs go first and
+        # every later change and request follows them.
         self._subscribed = True
-        sync = {"event": "presence_sync", "topics": self.hub.presence.local_snapshot()}
-        self._outbox = [encode_message(sync)]
+        self.session += 1
+        presence = {
+            "event": "presence_sync",
+            "topics": self.hub.presence.local_snapshot(),
+        }
+        admission = self.hub.admission.snapshot()
+        self._outbox = [encode_message(presence), encode_message(admission)]
         self._outbox_ready.set()
         log.info("subscribed to the message bus")
         return True
+
+    def _resolve(self, reply: dict[str, Any]) -> None:
+        """Hand a reply to its waiting request."""
+        request_id = reply.get("id")
+        pending = None
+        if isinstance(request_id, int):
+            pending = self._requests.pop(request_id, None)
+        if pending is None:
+            log.warning("ignoring bus reply to unknown request %r", request_id)
+            return
+        if not reply.get("ok"):
+            log.error("bus request %d failed: %s", request_id, reply.get("error"))
+        elif isinstance(reply.get("result"), dict):
+            pending.result = reply["result"]
+        if pending.abandoned:
+            if pending.result is not None and pending.result.get("admitted"):
+                if pending.release is not None:
+                    self.send(pending.release)
+            return
+        pending.done.set()
 
     async def _messages(self, stream: trio.SocketStream) -> Any:
         """Yield the bus messages of `stream`, then flush the hub after each read."""

@@ -12,15 +12,17 @@ request published them. Each carries the channel's `seq`. A join that replays
 stored messages holds live messages in `Subscription.pending` until the replay
 is sent, and then drops those whose seq the replay already covered.
 
-`server.max_connections` is shared by the acceptor processes: each admits its
-share (`connection_budget`), so the total never exceeds the setting.
+`server.max_connections` counts over all acceptor processes: a slot is
+admitted by the DB writer, which counts every acceptor's connections, and
+while it cannot reply each acceptor admits its static share
+(`connection_budget`). See `admission.py`, which also admits the joins
+limited by `websocket.max_joins_per_user`.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,7 @@ from deeperhub.metrics import (
 from deeperhub.phoenix.protocol import encode_push
 from deeperhub.ws.frames import CloseCode, encode_text
 
+from .admission import Admission, connection_budget
 from .connection import SLOW_CONSUMER_REASON, Connection
 from .presence import Presence
 
@@ -68,7 +71,6 @@ CLOSE_BATCH_INTERVAL = 0.01
 
 # Keys of a stored message that are sent to clients in `new_msg`.
 _MESSAGE_KEYS = ("id", "seq", "channel", "user_id", "username", "body", "inserted_at")
-_ACCEPTOR_NUMBER = re.compile(r"acceptor-(\d+)$")
 
 
 def message_payload(
@@ -85,23 +87,6 @@ def message_payload(
     return payload
 
 
-def connection_budget(total: int, acceptors: int, worker_id: str) -> int:
-    """Return how many of `total` connections the acceptor `worker_id` may hold.
-
-    Acceptor N of M (worker id `acceptor-N`) gets `total // M`, plus one for
-    the first `total % M` acceptors, so the shares add up to `total`. Any
-    other worker id (a single acceptor in tests) gets `total`.
-
-    NOTE: a full acceptor rejects upgrades with 503 while another may still
-    have room, because the kernel, not DeeperHub, picks the acceptor.
-    """
-    match = _ACCEPTOR_NUMBER.match(worker_id)
-    if match is None or acceptors <= 1:
-        return total
-    number = int(match.group(1))
-    return total // acceptors + (1 if number <= total % acceptors else 0)
-
-
 @dataclass(eq=False, slots=True)
 class Subscription:
     """One connection's join of one topic.
@@ -111,6 +96,8 @@ class Subscription:
     first. Messages with a seq up to `after_seq` are never sent, because the
     replay already contained them. Presence diffs are sent only once
     `presence_synced` is set, that is after the `presence_state` push.
+    `admitted` is set for joins that hold an `Admission.admit_join`, which
+    `Hub.unsubscribe` releases.
     """
 
     connection: Connection
@@ -122,6 +109,7 @@ class Subscription:
     pending: list[tuple[int, bytes]] = field(default_factory=list)
     pending_bytes: int = 0
     meta: dict[str, Any] | None = None
+    admitted: bool = False
 
 
 class _Broadcast:
@@ -150,11 +138,6 @@ class Hub:
 
     def __init__(self, settings: Settings, *, worker_id: str = "acceptor") -> None:
         self.settings = settings
-        self.max_connections = connection_budget(
-            int(settings["server.max_connections"]),
-            int(settings["server.acceptors"]),
-            worker_id,
-        )
         self.send_queue_bytes = int(settings["websocket.send_queue_bytes"])
         # Set by close_all. Upgrades are then rejected with HTTP 503.
         self.shutting_down = trio.Event()
@@ -163,12 +146,13 @@ class Hub:
         self._shutdown_close: tuple[int, str] | None = None
 
         self._ids = itertools.count(1)
-        # Slots taken by upgrades in progress and by open connections.
-        self._slots = 0
         self._connections: set[Connection] = set()
         self._topics: dict[str, dict[Connection, Subscription]] = {}
         self._all_closed = trio.Event()
         self.presence = Presence(self)
+        self.admission = Admission(settings, worker_id, self.presence)
+        # Over all acceptors, named in the 503 response.
+        self.max_connections = self.admission.max_connections
         # Handlers of bus events other than `message`, by event name, such as
         # `revoked` (token_watch.TokenWatch.apply_revocation).
         self.bus_handlers: dict[str, Callable[[dict[str, Any]], object]] = {
@@ -189,19 +173,18 @@ class Hub:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    def reserve_slot(self) -> bool:
-        """Take one of this acceptor's connection slots for an upgrade, or return False.
+    async def reserve_slot(self) -> bool:
+        """Take a connection slot for an upgrade, or return False (see admission.py).
 
-        The caller must call `release_slot` exactly once, whether or not the
-        upgrade succeeds.
+        After a True result the caller must call `release_slot` exactly once,
+        whether or not the upgrade succeeds.
         """
-        if self.shutting_down.is_set() or self._slots >= self.max_connections:
+        if self.shutting_down.is_set():
             return False
-        self._slots += 1
-        return True
+        return await self.admission.reserve_slot()
 
     def release_slot(self) -> None:
-        self._slots -= 1
+        self.admission.release_slot()
 
     def open_connection(self, *, user_id: int, username: str, vsn: str) -> Connection:
         """Register a new connection. It takes no slot of its own: see reserve_slot."""
@@ -350,6 +333,9 @@ class Hub:
             if not subscribers:
                 del self._topics[topic]
         self.presence.untrack(subscription)
+        if subscription.admitted:
+            subscription.admitted = False
+            self.admission.release_join(connection.user_id, topic)
         return subscription
 
     def go_live(self, subscription: Subscription, after_seq: int = 0) -> None:

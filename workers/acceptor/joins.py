@@ -100,11 +100,14 @@ async def join(session: Session, message: PhoenixMessage) -> None:
         session.reply(message, join_ref, "error", {"reason": exc.reason})
         return
     if not connection.is_open:
+        session.hub.admission.release_join(connection.user_id, topic)
         return
 
     # NOTE: membership of a private channel is checked at join time only. A
     # member removed later keeps receiving the topic until it leaves.
     subscription = session.hub.subscribe(connection, topic, join_ref)
+    # From here on Hub.unsubscribe releases the join admitted by _check.
+    subscription.admitted = True
     session.channel_ids[topic] = int(channel["id"])
     if last_seen is None:
         session.reply(message, join_ref, "ok", {"channel_id": channel["id"]})
@@ -117,7 +120,11 @@ async def join(session: Session, message: PhoenixMessage) -> None:
 async def _check(
     session: Session, message: PhoenixMessage
 ) -> tuple[dict[str, Any], tuple[str, int] | None]:
-    """Return the channel and the last seen message of a join, or raise."""
+    """Return the channel and the last seen message of a join, or raise.
+
+    The per-user topic limit is checked last, so that an admitted join is
+    released only by the caller (`Admission.admit_join`).
+    """
     connection = session.connection
     topic = message.topic
     if not topic.startswith(CHANNEL_TOPIC_PREFIX):
@@ -128,11 +135,6 @@ async def _check(
     except ValidationError:
         raise JoinRejected("invalid_topic") from None
     if len(connection.subscriptions) >= session.max_joins:
-        raise JoinRejected("too_many_joins")
-    # NOTE: other acceptors' joins are known through the bus, a few
-    # milliseconds late, so simultaneous joins on two acceptors can pass.
-    joined = session.hub.presence.topics_of_user(connection.user_id)
-    if topic not in joined and len(joined) >= session.max_joins_per_user:
         raise JoinRejected("too_many_joins")
     last_seen = _last_seen(message.payload)
 
@@ -147,6 +149,10 @@ async def _check(
     except _READ_ERRORS as exc:
         log.warning("join of %s failed: %s", topic, exc, extra=connection.extra)
         raise JoinRejected("unavailable") from None
+
+    # Counted over all acceptors by the DB writer (admission.py).
+    if not await session.hub.admission.admit_join(connection.user_id, topic):
+        raise JoinRejected("too_many_joins")
     return channel, last_seen
 
 

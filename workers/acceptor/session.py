@@ -86,7 +86,6 @@ class Session:
         "heartbeat_timeout",
         "hub",
         "max_joins",
-        "max_joins_per_user",
         "max_pending_pushes",
         "replay_limit",
         "services",
@@ -101,7 +100,6 @@ class Session:
         settings = self.settings
         self.heartbeat_timeout = float(settings["websocket.heartbeat_timeout"])
         self.max_joins = int(settings["websocket.max_joins"])
-        self.max_joins_per_user = int(settings["websocket.max_joins_per_user"])
         self.replay_limit = int(settings["websocket.replay_limit"])
         self.max_pending_pushes = int(settings["websocket.max_pending_pushes"])
         # Stored channel id of each joined topic.

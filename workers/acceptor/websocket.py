@@ -5,7 +5,8 @@ are rejected with an HTTP error before the upgrade:
 
 - 400 or 426: an invalid upgrade request or an unsupported `vsn`.
 - 403 with an empty body: a missing, invalid, expired or revoked access token.
-- 503: `server.max_connections` is reached, or the server is shutting down.
+- 503: `server.max_connections` is reached over all acceptors (see
+  `admission.py`), or the server is shutting down.
 - 403, 429 or 400 with a JSON error, from the security gate
   (`security_gate.py`): a blocked IP, the HTTP rate limit, a malicious payload.
 
@@ -203,7 +204,7 @@ async def _upgrade(
         await _send_http_error(stream, 400, str(exc))
         return None
 
-    if not hub.reserve_slot():
+    if not await hub.reserve_slot():
         if hub.shutting_down.is_set():
             reason = "server is shutting down"
         else:

@@ -9,14 +9,16 @@ task, so a client that stops reading never blocks the writer: when its outbox
 is full, the connection is dropped.
 
 Bus subscribers (the acceptors) also send their presence changes here, and
-the server relays them to the other subscribers (`presence.py`). Message
-retention runs as `prune_messages` requests to this same socket
-(`retention.py`).
+the server relays them to the other subscribers (`presence.py`). On the same
+connection they ask to admit WebSocket connections and joins, counted over
+every acceptor (`admission.py`). Message retention runs as `prune_messages`
+requests to this same socket (`retention.py`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +38,7 @@ from deeperhub.storage.database import open_write_connection
 from deeperhub.storage.migrations import apply_migrations
 from deeperhub.storage.writes import WRITE_OPS, WriteExecutor, WriteOutcome
 
+from .admission import ADMISSION_EVENTS, ADMISSION_OPS, AdmissionRegistry
 from .maintenance import BackupHandler, run_token_purge
 from .presence import PresenceRegistry
 from .retention import run_retention
@@ -142,6 +145,7 @@ class DbWriterServer:
         max_batch: int,
         outbox_size: int = OUTBOX_MAX_MESSAGES,
         backup: Callable[[Mapping[str, Any]], Awaitable[WriteOutcome]] | None = None,
+        admission: AdmissionRegistry | None = None,
     ) -> None:
         self.executor = executor
         # Handler of the `backup` op (maintenance.BackupHandler); it runs
@@ -157,6 +161,10 @@ class DbWriterServer:
         self._peers: set[_Peer] = set()
         self._subscribers: set[_Peer] = set()
         self.presence = PresenceRegistry()
+        # Without limits given (unit tests), every admission request passes.
+        self.admission = admission or AdmissionRegistry(
+            max_connections=sys.maxsize, max_joins_per_user=sys.maxsize
+        )
         self._next_peer = 0
         self._closing = False
         self._writer_done = trio.Event()
@@ -230,6 +238,7 @@ class DbWriterServer:
                 # the others must drop the presences it tracked.
                 for event in self.presence.drop(peer):
                     self._publish(event)
+                self.admission.drop(peer)
             if self._closing and not self._peers:
                 self._peers_gone.set()
 
@@ -273,6 +282,13 @@ class DbWriterServer:
                 # Pushed after the reply and before any later event, so the
                 # subscriber starts from a state that the next events build on.
                 self._push_event(peer, self.presence.snapshot(exclude=peer))
+        elif op in ADMISSION_OPS:
+            if peer in self._subscribers and isinstance(args, dict):
+                outcome = self.admission.request(peer, op, args)
+            else:
+                error = ("invalid", f"{op} needs args and a bus_subscribe first")
+                outcome = WriteOutcome(error=error)
+            self._reply(peer, outcome, request_id)
         elif not isinstance(op, str) or op not in WRITE_OPS:
             log.warning("unknown op %r on IPC connection %d", op, peer.number)
             DB_WRITES.labels(op="unknown", outcome="invalid").inc()
@@ -363,7 +379,7 @@ class DbWriterServer:
                 self._publish(event)
 
     def _handle_event(self, peer: _Peer, message: dict[str, Any]) -> None:
-        """Relay a one-way presence event of a bus subscriber (see presence.py)."""
+        """Apply a one-way event of a bus subscriber: presence or admission."""
         event = message.get("event")
         if peer not in self._subscribers:
             log.warning(
@@ -379,6 +395,8 @@ class DbWriterServer:
         elif event == "presence_sync":
             for relayed in self.presence.sync(peer, message):
                 self._publish(relayed, exclude=peer)
+        elif event in ADMISSION_EVENTS:
+            self.admission.apply_event(peer, message)
         else:
             log.warning("unknown event %r on IPC connection %d", event, peer.number)
 
@@ -455,7 +473,12 @@ async def serve(ctx: WorkerContext) -> None:
             WriteExecutor(conn),
             max_batch=int(settings["database.max_batch"]),
             backup=BackupHandler(settings),
+            admission=AdmissionRegistry(
+                max_connections=int(settings["server.max_connections"]),
+                max_joins_per_user=int(settings["websocket.max_joins_per_user"]),
+            ),
         )
+        ctx.handlers["admission"] = server.admission.handle_counts
         # Leave half of the supervisor's SIGTERM-to-SIGKILL time for the rest.
         grace = float(settings["supervisor.shutdown_timeout"]) / 2
         async with trio.open_nursery() as nursery:
