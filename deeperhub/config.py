@@ -114,7 +114,8 @@ SETTINGS: tuple[Setting, ...] = (
         "server.max_connections",
         int,
         10000,
-        "Maximum open WebSocket connections; further upgrades get HTTP 503.",
+        "Maximum open WebSocket connections over all acceptor processes; further "
+        "upgrades get HTTP 503.",
         env="MAX_CONNECTIONS",
         minimum=1,
         maximum=1_000_000,
@@ -451,6 +452,17 @@ SETTINGS: tuple[Setting, ...] = (
         env="DEEPER_HUB_SECURITY_RATE_LIMIT_WS",
         minimum=1,
         maximum=1_000_000,
+    ),
+    _s(
+        "security.rate_sync_interval",
+        float,
+        0.1,
+        "Seconds between two reports of an acceptor's rate limit usage to the "
+        "other acceptors, through the security monitor. With several acceptors "
+        "an IP or user can exceed a limit by what the other acceptors allowed "
+        "within about this time.",
+        minimum=0.01,
+        maximum=10,
     ),
     _s(
         "security.trusted_proxies",

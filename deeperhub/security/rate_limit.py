@@ -79,6 +79,22 @@ class RateLimiter(Generic[K]):
         self._tat[key] = new_tat
         return RateDecision(True)
 
+    def charge(self, key: K, count: float, limit: float) -> None:
+        """Count `count` events of `key` that were allowed elsewhere, without a check.
+
+        The acceptors use it for the events the other acceptors allowed. The
+        TAT may move more than one period ahead, so a key that got more than
+        its limit through several processes at once is rejected until the
+        excess is paid back, and its long-run rate stays at `limit`.
+        """
+        now = self.clock()
+        self._checks += 1
+        if self._checks % _SWEEP_EVERY == 0 or len(self._tat) >= self.max_keys:
+            self.sweep(now)
+
+        tat = max(self._tat.pop(key, now), now)
+        self._tat[key] = tat + count * self.period / max(limit, 1e-9)
+
     def sweep(self, now: float | None = None) -> None:
         """Forget keys back at their full allowance, then the oldest over `max_keys`."""
         if now is None:

@@ -6,8 +6,11 @@ Every decision here is local, so the gate adds no round trip to a request:
   proxy header (`deeperhub.security.client_ip`);
 - blocks and halved limits come from the security monitor's decisions, pushed
   over `security.sock` when they change and kept in a `DecisionCache`;
-- rate limits are counted here: HTTP requests per IP, WebSocket messages per
-  user across all of the user's connections in this process;
+- rate limits are checked here: HTTP requests per IP, WebSocket messages per
+  user across all of the user's connections. Every `security.rate_sync_interval`
+  seconds the gate sends what it allowed to the monitor, which relays it to the
+  other acceptors, and charges its limiters with what they allowed
+  (`deeperhub.security.rate_sync`), so the limits count over all acceptors;
 - payload rules run here (`deeperhub.security.rules`).
 
 Events for the monitor (failed logins, 404s, malicious payloads, rate limit
@@ -42,6 +45,7 @@ from deeperhub.security.decisions import DecisionCache
 from deeperhub.security.links import Link
 from deeperhub.security.policy import RATE_LIMITED, WS_FLOOD
 from deeperhub.security.rate_limit import RateLimiter, WindowCounter
+from deeperhub.security.rate_sync import USAGE_EVENT, UsageLedger, parse_usage
 from deeperhub.security.rules import (
     INSPECTED_FIELDS,
     JSON_TOO_DEEP,
@@ -135,18 +139,18 @@ class SecurityGate:
         self.ws_close_after = int(settings["security.ws_flood_close_after"])
         self.inspect_bodies = bool(settings["security.inspect_message_bodies"])
         self.max_json_depth = int(settings["security.max_json_depth"])
+        self.rate_sync_interval = float(settings["security.rate_sync_interval"])
         max_keys = int(settings["security.max_tracked_ips"])
 
         self.decisions = DecisionCache()
-        # TODO: both limits count in this acceptor process only. With
-        # `server.acceptors` above 1 (the default on a multi-core machine) an IP
-        # or user whose connections land on several acceptors gets up to that
-        # many times the limit, because SO_REUSEPORT spreads new connections.
+        # The limiters count this acceptor's events when it allows them and the
+        # other acceptors' events when their usage arrives (`apply_usage`).
         self.api_limiter = RateLimiter[str](period=RATE_PERIOD, max_keys=max_keys)
         self.ws_limiter = RateLimiter[int](period=RATE_PERIOD, max_keys=max_keys)
         self.ws_rejections = WindowCounter[int](
             RATE_PERIOD, max_events=self.ws_close_after, max_keys=max_keys
         )
+        self.usage = UsageLedger(max_keys)
         self.link = Link(settings.socket_path("security"), "security monitor")
         self.subscribed = trio.Event()
         self._events_send, self._events = trio.open_memory_channel[dict[str, Any]](
@@ -179,9 +183,11 @@ class SecurityGate:
         if not rate_limited:
             return None
 
-        limit = self.api_limit * self.decisions.rate_factor(ip)
+        factor = self.decisions.rate_factor(ip)
+        limit = self.api_limit * factor
         decision = self.api_limiter.check(ip, limit)
         if decision.allowed:
+            self.usage.add_api(ip, factor)
             return None
         SECURITY_RATE_LIMITED.labels(transport=HTTP).inc()
         self._report_rate_limited(ip, ip, None, transport)
@@ -292,9 +298,10 @@ class SecurityGate:
         ip = self._connection_ips.get(connection, "")
         user_id = connection.user_id
         if ip not in self.allowlist:
-            limit = self.ws_limit * self.decisions.rate_factor(ip)
-            if not self.ws_limiter.check(user_id, limit).allowed:
+            factor = self.decisions.rate_factor(ip)
+            if not self.ws_limiter.check(user_id, self.ws_limit * factor).allowed:
                 return self._reject_message(connection, ip)
+            self.usage.add_ws(user_id, factor)
 
         if message.event == EVENT_JOIN:
             found = inspect_field("topic", message.topic)
@@ -352,6 +359,21 @@ class SecurityGate:
                 len(connections),
                 ip,
             )
+
+    # Usage of the other acceptors.
+
+    def apply_usage(self, message: dict[str, Any]) -> None:
+        """Charge the limiters with the events another acceptor allowed.
+
+        Counts are weighted by the rate factor the sender applied, so they are
+        charged against the full limits.
+        """
+        usage = parse_usage(message)
+        for ip, count in usage.api.items():
+            if ip not in self.allowlist:
+                self.api_limiter.charge(ip, count, self.api_limit)
+        for user_id, count in usage.ws.items():
+            self.ws_limiter.charge(user_id, count, self.ws_limit)
 
     # Events for the monitor.
 
@@ -415,7 +437,7 @@ class SecurityGate:
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Keep the monitor link open and send queued events, forever.
+        """Keep the monitor link open and send queued events and usage, forever.
 
         Reports started once the first snapshot of decisions is applied, or
         after STARTUP_SNAPSHOT_TIMEOUT seconds without one.
@@ -423,6 +445,7 @@ class SecurityGate:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.link.run, self._subscribe)
             nursery.start_soon(self._send_events)
+            nursery.start_soon(self._send_usage)
             with trio.move_on_after(STARTUP_SNAPSHOT_TIMEOUT):
                 await self.subscribed.wait()
             if not self.subscribed.is_set():
@@ -446,6 +469,8 @@ class SecurityGate:
         async for event in client.events:
             if event.get("event") == "decision":
                 self.apply_decision(event)
+            elif event.get("event") == USAGE_EVENT:
+                self.apply_usage(event)
 
     async def _send_events(self) -> None:
         async for event in self._events:
@@ -453,3 +478,15 @@ class SecurityGate:
                 await self.link.connected.wait()
                 # The link may still look connected right after its peer closed.
                 await trio.sleep(SEND_RETRY_DELAY)
+
+    async def _send_usage(self) -> None:
+        """Send the usage allowed since the last send, every sync interval.
+
+        Nothing is sent while idle. Usage that cannot be sent because the
+        monitor is down is dropped, so the other acceptors never count it.
+        """
+        while True:
+            await trio.sleep(self.rate_sync_interval)
+            usage = self.usage.take()
+            if usage:
+                await self.link.notify(usage.message())

@@ -5,6 +5,8 @@ carries out the resulting `Effects`:
 
 - decisions are pushed to every subscribed acceptor at once, through a
   bounded outbox per acceptor, so a slow acceptor never delays the others;
+- each acceptor's rate limit usage is relayed through the same outboxes to
+  every other subscribed acceptor, so the limits count over all acceptors;
 - block records, scores and alerts go through one write queue to the DB
   writer, in order, retried until the DB writer accepts them;
 - after an alert is stored, the alert dispatcher is woken up over
@@ -40,6 +42,7 @@ from deeperhub.security.policy import (
     OBSERVATION_KINDS,
     Observation,
 )
+from deeperhub.security.rate_sync import USAGE_EVENT, parse_usage
 from deeperhub.storage.security_reads import security_events
 
 if TYPE_CHECKING:
@@ -61,8 +64,8 @@ WRITE_TIMEOUT = 10.0
 WRITE_RETRY_DELAY = 0.5
 # Writes waiting for the DB writer. Past that new ones are dropped and logged.
 WRITE_QUEUE_SIZE = 10_000
-# Decisions waiting to be sent to one acceptor. Past that it is disconnected and
-# gets a fresh snapshot when it reconnects.
+# Decisions and relayed usage waiting to be sent to one acceptor. Past that it
+# is disconnected and gets a fresh snapshot when it reconnects.
 SUBSCRIBER_OUTBOX = 10_000
 # Seconds between two saves of the changed reputation scores.
 SCORE_SAVE_INTERVAL = 1.0
@@ -89,7 +92,7 @@ class _Write:
 
 
 class _Subscriber:
-    """An acceptor connection that receives decision pushes."""
+    """An acceptor connection that receives decision pushes and relayed usage."""
 
     def __init__(self, peer: RpcClient, number: int) -> None:
         self.peer = peer
@@ -104,7 +107,7 @@ class _Subscriber:
             self._send.send_nowait(message)
         except trio.WouldBlock:
             log.warning(
-                "disconnecting acceptor connection %d: %d decisions were not read",
+                "disconnecting acceptor connection %d: %d messages were not read",
                 self.number,
                 SUBSCRIBER_OUTBOX,
             )
@@ -150,6 +153,7 @@ class Monitor:
         self._subscribers: set[_Subscriber] = set()
         self._connections = 0
         self._events_seen: dict[str, int] = {}
+        self._usage_relayed = 0
         # Counters with labels exist only once a label value is used, and
         # Prometheus' increase() misses the first event of a new series, so the
         # labels alert rules watch are created at 0.
@@ -184,7 +188,10 @@ class Monitor:
             peer = RpcClient(messages, 10_000, handle_request)
             nursery.start_soon(peer.run_receiver)
             async for event in peer.events:
-                self.handle_event(event)
+                if event.get("event") == USAGE_EVENT:
+                    self.relay_usage(event, number, sender=subscriber)
+                else:
+                    self.handle_event(event)
             nursery.cancel_scope.cancel()
 
     async def _run_subscriber(
@@ -226,6 +233,30 @@ class Monitor:
             self._events_seen.get(observation.kind, 0) + 1
         )
         self.apply(self.policy.observe(observation))
+
+    def relay_usage(
+        self,
+        event: dict[str, Any],
+        connection: int,
+        sender: _Subscriber | None = None,
+    ) -> None:
+        """Push rate limit usage from `connection` to every other subscriber.
+
+        `sender` is the subscription of `connection`, if it has one, so the
+        acceptor never gets its own usage back.
+        """
+        usage = parse_usage(event)
+        if not usage:
+            log.warning(
+                "ignoring usage message without valid counts from connection %d",
+                connection,
+            )
+            return
+        self._usage_relayed += 1
+        message = usage.message()
+        for subscriber in list(self._subscribers):
+            if subscriber is not sender:
+                subscriber.push(message)
 
     # Operator and acceptor requests.
 
@@ -309,6 +340,7 @@ class Monitor:
             "blocked": self.policy.blocked_count(),
             "scored_ips": len(self.policy.reputation),
             "subscribers": len(self._subscribers),
+            "usage_relayed": self._usage_relayed,
             "queued_writes": self._writes.statistics().current_buffer_used,
         }
 

@@ -2,7 +2,8 @@
 
 It listens on `<var_dir>/run/security.sock`. Acceptors subscribe to decisions
 (blocks and halved rate limits per IP) and send one-way security events
-(failed logins, 404s, malicious payloads, rate limit hits, WebSocket floods).
+(failed logins, 404s, malicious payloads, rate limit hits, WebSocket floods)
+and their rate limit usage, which the monitor relays to the other acceptors.
 The CLI sends operator requests (`blocked`, `block`, `unblock`, `reputation`,
 `events`). docs/architecture.md lists the messages and docs/security.md the
 rules.
