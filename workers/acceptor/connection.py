@@ -17,6 +17,14 @@ A connection whose buffer would grow past `websocket.send_queue_bytes` is
 closed with 1008 "slow consumer", so one client that stops reading never
 delays the others or grows the server's memory.
 
+A close requested while pushes of the client wait for their commit
+(`pushes_in_flight`) first holds the Close frame back: the connection stops
+taking new frames except the replies to those pushes (`send_reply`), and the
+session queues the Close frame with `finish_close` once every reply is queued
+or `REPLY_WAIT_TIMEOUT` has passed. So a client learns which of its pushes were
+stored before the server closes, also when the close drops the buffered
+frames.
+
 Events (`close_requested`, `close_sent`, `peer_closed`) are created only
 when someone asks for them, because most connections never need them and
 each costs memory on every idle connection.
@@ -40,11 +48,20 @@ if TYPE_CHECKING:
 
     from .hub import Subscription
 
-__all__ = ["SLOW_CONSUMER_REASON", "Connection", "FlushScheduler"]
+__all__ = [
+    "REPLY_WAIT_TIMEOUT",
+    "SLOW_CONSUMER_REASON",
+    "Connection",
+    "FlushScheduler",
+]
 
 log = logging.getLogger("deeperhub.acceptor.ws")
 
 SLOW_CONSUMER_REASON = "slow consumer"
+# Maximum seconds a server-initiated close waits for the replies to pushes
+# already handed to the DB writer before it sends the Close frame. A commit
+# normally takes milliseconds. The replies that miss this wait are not sent.
+REPLY_WAIT_TIMEOUT = 3.0
 # writev accepts at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = getattr(os, "IOV_MAX", 1024)
 # Errors that mean the peer is gone; anything else is logged.
@@ -61,8 +78,17 @@ class FlushScheduler(Protocol):
     def start_drain(self, connection: Connection) -> bool: ...
 
 
+class _Reply(bytes):
+    """A push reply in the buffer, which a discarding close keeps."""
+
+    __slots__ = ()
+
+
 class _State(enum.Enum):
     OPEN = "open"
+    # A close is decided but waits for the replies to pushes in flight, so
+    # only those replies may be queued.
+    AWAITING_REPLIES = "awaiting_replies"
     CLOSING = "closing"  # a Close frame is queued, so nothing else may be sent
     ABORTED = "aborted"  # the TCP connection is gone, so nothing can be sent
 
@@ -86,6 +112,7 @@ class Connection:
         "_flush_scheduled",
         "_partial",
         "_peer_closed",
+        "_pending_close",
         "_socket",
         "_state",
         "close_code",
@@ -93,6 +120,7 @@ class Connection:
         "id",
         "oldest_message_at",
         "on_change",
+        "pushes_in_flight",
         "scheduler",
         "send_queue_bytes",
         "subscriptions",
@@ -141,6 +169,11 @@ class Connection:
         self._close_requested = False
         self._close_sent = False
         self._peer_closed = False
+        # Close code and reason held back while the state is AWAITING_REPLIES.
+        self._pending_close: tuple[int | None, str] = (None, "")
+        # Pushes handed to the DB writer whose reply is not queued yet,
+        # counted by the session. A close waits for them (see `close`).
+        self.pushes_in_flight = 0
         # Lazily created trio.Events by name (see `_event`).
         self._events: dict[str, trio.Event] | None = None
         # The close code sent, or received when the client closed first. 1005
@@ -163,6 +196,11 @@ class Connection:
     @property
     def is_open(self) -> bool:
         return self._state is _State.OPEN
+
+    @property
+    def is_awaiting_replies(self) -> bool:
+        """Whether a close waits for the replies to pushes in flight."""
+        return self._state is _State.AWAITING_REPLIES
 
     @property
     def buffered_bytes(self) -> int:
@@ -264,6 +302,27 @@ class Connection:
         self._append(frame)
         return True
 
+    def send_reply(self, frame: bytes) -> bool:
+        """Queue the reply to a push, also while a close waits for such replies.
+
+        Unlike other frames, the reply is kept when a close drops the buffer,
+        and it may exceed `send_queue_bytes` once a close is decided, by at
+        most `websocket.max_pending_pushes` replies. Returns False when the
+        Close frame is already queued, so the reply is dropped.
+        """
+        if self._state is _State.OPEN:
+            if (
+                not self._buffered
+                or self._buffered + len(frame) <= self.send_queue_bytes
+            ):
+                self._append(_Reply(frame))
+                return True
+            self.close_slow_consumer(self._buffered + len(frame))
+        if self._state is not _State.AWAITING_REPLIES:
+            return False
+        self._append(_Reply(frame))
+        return True
+
     def close_slow_consumer(self, required_bytes: int) -> None:
         """Close with 1008 "slow consumer" because `required_bytes` exceed the limit."""
         SEND_QUEUE_DROPS.inc()
@@ -290,24 +349,38 @@ class Connection:
     def close(
         self, code: int | None, reason: str = "", *, discard: bool = False
     ) -> None:
-        """Queue a Close frame after the buffered frames and stop accepting more.
+        """Stop accepting frames and queue a Close frame after the buffered ones.
 
         `code=None` sends a Close without a status code, as the echo of a client
         Close that had none. With `discard=True` the frames still waiting in the
-        buffer are dropped, except the unwritten tail of a frame that a write
-        already started, so the Close frame starts on a frame boundary. Only
-        the first call has an effect.
+        buffer are dropped, except push replies and the unwritten tail of a
+        frame that a write already started, so the Close frame starts on a
+        frame boundary. Only the first call has an effect.
+
+        While pushes are in flight, the Close frame waits: only their replies
+        are queued (`send_reply`) until the session calls `finish_close`.
         """
         if self._state is not _State.OPEN:
             return
+        if discard:
+            self._discard_buffer()
+        if self.pushes_in_flight > 0:
+            self._state = _State.AWAITING_REPLIES
+            self._pending_close = (code, reason)
+            self._fire("space")
+            self._changed()
+            return
+        self._queue_close(code, reason)
+
+    def finish_close(self) -> None:
+        """Queue the Close frame held back for the replies to pushes in flight."""
+        if self._state is _State.AWAITING_REPLIES:
+            self._queue_close(*self._pending_close)
+
+    def _queue_close(self, code: int | None, reason: str) -> None:
         self._state = _State.CLOSING
         self.close_code = 1005 if code is None else int(code)
         self.close_reason = reason
-        if discard:
-            keep = self._chunks[:1] if self._partial else []
-            self._chunks = keep
-            self._buffered = sum(len(chunk) for chunk in keep)
-            self.oldest_message_at = None
         if code is None:
             frame = encode_frame(Opcode.CLOSE, b"")
         else:
@@ -316,9 +389,18 @@ class Connection:
         self._fire("space")
         self._set_close_requested()
 
+    def _discard_buffer(self) -> None:
+        """Drop buffered frames except push replies and a partly written frame."""
+        chunks = self._chunks
+        keep = chunks[:1] if self._partial else []
+        keep += [chunk for chunk in chunks[len(keep) :] if isinstance(chunk, _Reply)]
+        self._chunks = keep
+        self._buffered = sum(len(chunk) for chunk in keep)
+        self.oldest_message_at = None
+
     def abort(self) -> None:
         """Record that the TCP connection is gone, so nothing more can be sent."""
-        if self._state is _State.OPEN:
+        if self._state in (_State.OPEN, _State.AWAITING_REPLIES):
             self.close_code = 1006
         self._state = _State.ABORTED
         self._chunks.clear()

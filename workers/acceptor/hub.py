@@ -37,7 +37,7 @@ from deeperhub.phoenix.protocol import encode_push
 from deeperhub.ws.frames import CloseCode, encode_text
 
 from .admission import Admission, connection_budget
-from .connection import SLOW_CONSUMER_REASON, Connection
+from .connection import REPLY_WAIT_TIMEOUT, SLOW_CONSUMER_REASON, Connection
 from .presence import Presence
 
 if TYPE_CHECKING:
@@ -217,8 +217,10 @@ class Hub:
         """Close every connection with `code`, in batches, and wait until all ended.
 
         `code` should be 1001 (going away) or 1012 (service restart). Both make
-        phoenix.js reconnect. Returns at the latest CLOSE_TIMEOUT seconds after
-        the last batch, even if some connections are still ending.
+        phoenix.js reconnect. Returns at the latest REPLY_WAIT_TIMEOUT plus
+        CLOSE_TIMEOUT seconds after the last batch, even if some connections
+        are still ending: a connection first waits for the replies to its
+        pushes in flight, then for the close handshake.
         """
         self.shutting_down.set()
         reason = (
@@ -234,7 +236,7 @@ class Hub:
                 connection.close(code, reason)
             self.flush()
             await trio.sleep(CLOSE_BATCH_INTERVAL)
-        with trio.move_on_after(CLOSE_TIMEOUT):
+        with trio.move_on_after(REPLY_WAIT_TIMEOUT + CLOSE_TIMEOUT):
             while self._connections:
                 self._all_closed = trio.Event()
                 await self._all_closed.wait()

@@ -13,6 +13,15 @@ the message. At most `websocket.max_pending_pushes` pushes of one connection
 wait for their commit; beyond that the reader stops reading the socket until
 one is answered, so a client that pushes faster than the database commits is
 slowed down by TCP flow control instead of growing the server's memory.
+
+When the server closes the connection for any reason (a flood, an expired or
+revoked token, a slow consumer, a stop), the messages read after that
+decision are not handled, so none of them is stored. The pushes already
+handed to the DB writer still get their replies before the Close frame, for
+up to `REPLY_WAIT_TIMEOUT` seconds (see `Connection.close`). A client whose
+connection ends without its replies, because TCP broke, the wait timed out
+or the acceptor process died, finds its stored messages with
+`GET /api/channels/{id}/messages`.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from deeperhub.ws.frames import (
     encode_text,
 )
 
+from .connection import REPLY_WAIT_TIMEOUT
 from .hub import CLOSE_TIMEOUT
 from .joins import join
 from .token_watch import ACCESS_TOKEN_EVENT, renew_access_token
@@ -78,7 +88,6 @@ class Session:
     __slots__ = (
         "_closing",
         "_push_room",
-        "_pushes_in_flight",
         "_receive_scope",
         "_scope",
         "channel_ids",
@@ -104,7 +113,6 @@ class Session:
         self.max_pending_pushes = int(settings["websocket.max_pending_pushes"])
         # Stored channel id of each joined topic.
         self.channel_ids: dict[str, int] = {}
-        self._pushes_in_flight = 0
         self._push_room: trio.Event | None = None
         # Cancel scopes of the whole session and of the current receive.
         self._scope: trio.CancelScope | None = None
@@ -145,17 +153,28 @@ class Session:
         finally:
             connection.on_change = None
             self._scope = None
+            # A session cut short by its deadline still sends its Close frame
+            # if a write can take it now.
+            connection.finish_close()
+            connection.flush()
 
     def _interrupt(self) -> None:
         """Wake the reader after a change of the close state."""
         if self._receive_scope is not None:
             self._receive_scope.cancel()
-        if not self.connection.is_open and self._scope is not None:
-            if not self._closing:
-                self._closing = True
-                # The close handshake gets CLOSE_TIMEOUT seconds, whatever
-                # the reader is doing.
-                self._scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+        connection = self.connection
+        if connection.is_open or self._scope is None or self._closing:
+            return
+        if connection.is_awaiting_replies:
+            # The wait for push replies and the close handshake after it are
+            # bounded, whatever the reader is doing.
+            timeout = REPLY_WAIT_TIMEOUT + CLOSE_TIMEOUT
+            self._scope.deadline = trio.current_time() + timeout
+            return
+        self._closing = True
+        # The close handshake gets CLOSE_TIMEOUT seconds, whatever the reader
+        # is doing.
+        self._scope.deadline = trio.current_time() + CLOSE_TIMEOUT
 
     # Frames
 
@@ -185,6 +204,7 @@ class Session:
                     # so the presence leaves go out at once, because a client
                     # that vanished (half-open TCP) never completes it.
                     self._leave_all()
+                    await self._wait_for_push_replies()
                     if not reading or connection.is_peer_closed:
                         # Nothing more to read: wait until the Close is out.
                         await connection.close_sent.wait()
@@ -212,7 +232,11 @@ class Session:
             deadline = trio.current_time() + self.heartbeat_timeout
         with trio.move_on_at(deadline) as scope:
             self._receive_scope = scope
-            while self._pushes_in_flight >= self.max_pending_pushes:
+            # A closed connection is read only for the client's Close frame.
+            while (
+                self.connection.is_open
+                and self.connection.pushes_in_flight >= self.max_pending_pushes
+            ):
                 self._push_room = self._push_room or trio.Event()
                 await self._push_room.wait()
             data = await stream.receive_some(RECEIVE_BYTES)
@@ -222,6 +246,27 @@ class Session:
         if was_open and trio.current_time() >= deadline:
             self._heartbeat_timed_out()
         return None
+
+    async def _wait_for_push_replies(self) -> None:
+        """Queue the held-back Close frame once every push in flight has its reply.
+
+        Waits at most REPLY_WAIT_TIMEOUT seconds. The replies that come later
+        are dropped, and their messages may be stored.
+        """
+        connection = self.connection
+        if not connection.is_awaiting_replies:
+            return
+        with trio.move_on_after(REPLY_WAIT_TIMEOUT):
+            await connection.close_requested.wait()
+        if connection.is_awaiting_replies:
+            log.warning(
+                "closing without the replies to %d pushes: no commit within %g s",
+                connection.pushes_in_flight,
+                REPLY_WAIT_TIMEOUT,
+                extra=connection.extra,
+            )
+            connection.finish_close()
+        connection.flush()
 
     def _leave_all(self) -> None:
         if self.connection.subscriptions:
@@ -417,20 +462,35 @@ class Session:
             "user_id": self.connection.user_id,
             "body": body,
         }
+        connection = self.connection
         pipeline = self.services.pushes
+        # Counted until the reply is queued, so a close meanwhile waits for it.
+        connection.pushes_in_flight += 1
         if pipeline is None:
-            self._pushed(message, join_ref, await self._call_insert(args))
+            try:
+                result = await self._call_insert(args)
+            except BaseException:
+                self._push_answered()
+                raise
+            self._pushed(message, join_ref, result)
+            self._push_answered()
             return
-        self._pushes_in_flight += 1
 
         def answered(result: PushResult) -> None:
-            self._pushes_in_flight -= 1
-            if self._push_room is not None:
-                self._push_room.set()
-                self._push_room = None
             self._pushed(message, join_ref, result)
+            self._push_answered()
 
         pipeline.submit("insert_message", args, answered)
+
+    def _push_answered(self) -> None:
+        """Count one push reply as queued; the last one releases a held close."""
+        connection = self.connection
+        connection.pushes_in_flight -= 1
+        if self._push_room is not None:
+            self._push_room.set()
+            self._push_room = None
+        if connection.pushes_in_flight == 0:
+            connection.finish_close()
 
     async def _call_insert(self, args: dict[str, Any]) -> PushResult:
         """Store a message with one request and wait for it (no pipeline)."""
@@ -456,7 +516,19 @@ class Session:
             log.info(
                 "insert_message failed: %s: %s", error, value, extra=connection.extra
             )
-            self.reply(message, join_ref, "error", {"reason": error})
+            self._reply_to_push(message, join_ref, "error", {"reason": error})
             return
         MESSAGES_RECEIVED.inc()
-        self.reply(message, join_ref, "ok", {"id": value["message"]["id"]})
+        self._reply_to_push(message, join_ref, "ok", {"id": value["message"]["id"]})
+
+    def _reply_to_push(
+        self,
+        message: PhoenixMessage,
+        join_ref: Ref,
+        status: str,
+        response: dict[str, Any],
+    ) -> None:
+        frame = encode_reply(
+            self.connection.vsn, join_ref, message.ref, message.topic, status, response
+        )
+        self.connection.send_reply(encode_text(frame))
