@@ -3,26 +3,38 @@
 For each connection the listener reads the HTTP request head. A request for
 `/socket/websocket` goes to DeeperHub's own WebSocket path; any other request
 is handed, together with the bytes already read, to hypercorn's trio
-`TCPServer`, which serves the quart-trio app for the rest of the connection.
+`TCPServer` (`http_connection.py`), which serves the quart-trio app for the
+rest of the connection.
+
+An error the listener sends itself (400, 408, 431) is a JSON error with
+`Connection: close`, and the connection is closed after it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket as stdlib_socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext as HypercornContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from deeperhub.errors import ProtocolError
 from deeperhub.http_head import find_head_end, parse_request_head
+from deeperhub.ws.handshake import error_response
 
+from .http_connection import (
+    HttpConnection,
+    PrefixedStream,
+    RequestGuard,
+    aclose_lingering,
+)
 from .websocket import handle_websocket
 
 if TYPE_CHECKING:
@@ -37,33 +49,9 @@ log = logging.getLogger("deeperhub.acceptor")
 WEBSOCKET_PATH = "/socket/websocket"
 # Seconds a client gets to send a complete request head (slow-loris guard).
 HEAD_TIMEOUT = 10.0
-
-
-class PrefixedStream(trio.abc.HalfCloseableStream):
-    """A socket stream that first returns bytes the listener already read."""
-
-    def __init__(self, stream: trio.SocketStream, prefix: bytes) -> None:
-        self._stream = stream
-        self._prefix = prefix
-        self.socket = stream.socket
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix, b""
-            return data
-        return await self._stream.receive_some(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+# Seconds the listener waits to send one of its own error responses.
+SEND_TIMEOUT = 5.0
+_RECEIVE_SIZE = 65536
 
 
 async def open_listen_socket(
@@ -84,7 +72,7 @@ def _hypercorn_config(services: Services) -> HypercornConfig:
     config = HypercornConfig()
     config.accesslog = None
     config.errorlog = logging.getLogger("deeperhub.acceptor.hypercorn")
-    config.keep_alive_timeout = 15
+    config.keep_alive_timeout = float(services.settings["server.keep_alive_timeout"])
     config.graceful_timeout = 5
     config.h11_max_incomplete_size = int(services.settings["server.max_header_bytes"])
     return config
@@ -96,10 +84,13 @@ class Listener:
     def __init__(self, services: Services, app: QuartTrio) -> None:
         self.services = services
         self.config = _hypercorn_config(services)
-        self.app = wrap_app(app, self.config.wsgi_max_body_size, "asgi")
+        self.app = wrap_app(RequestGuard(app), self.config.wsgi_max_body_size, "asgi")
         self.context = HypercornContext(None)
         self.lifespan_state: dict[str, Any] = {}
         self.max_head = int(services.settings["server.max_header_bytes"])
+        # Cancel scopes of connections that have not sent a byte yet, which
+        # the listener closes at once when it stops.
+        self._idle_reads: set[trio.CancelScope] = set()
 
     async def serve(
         self,
@@ -125,6 +116,8 @@ class Listener:
                 await listener.aclose()
                 log.info("acceptor stopped accepting; draining connections")
                 await self.context.terminated.set()
+                for waiting in self._idle_reads:
+                    waiting.cancel()
                 connections.cancel_scope.deadline = trio.current_time() + drain_timeout
 
             await lifespan.wait_for_shutdown()
@@ -153,8 +146,18 @@ class Listener:
             await stream.aclose()
             return
         handed_over = False
+        responded = False
         try:
-            buffer = await self._read_head(stream)
+            buffer, error = await self._read_head(stream)
+            if error is not None:
+                log.info(
+                    "rejected request from %s with %d: %s",
+                    client[0],
+                    error.status,
+                    error.message,
+                )
+                responded = await _send_error(stream, error)
+                return
             if buffer is None:
                 return
             end = find_head_end(buffer)
@@ -162,7 +165,7 @@ class Listener:
                 head = parse_request_head(bytes(buffer[:end]), client)
             except ProtocolError as exc:
                 log.info("bad request head from %s: %s", client[0], exc)
-                await _send_simple(stream, 400, "Bad Request")
+                responded = await _send_error(stream, _bad_request(str(exc)))
                 return
             if head.path == WEBSOCKET_PATH:
                 # A task of its own, so that this task ends and frees the
@@ -173,7 +176,7 @@ class Listener:
                 )
                 handed_over = True
                 return
-            server = TCPServer(
+            server = HttpConnection(
                 self.app,
                 self.config,
                 self.context,
@@ -183,37 +186,97 @@ class Listener:
             await server.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:
+            # A bug ends only this connection, never the listener's other tasks.
+            log.exception("HTTP connection failed", extra={"ip": client[0]})
         finally:
             if not handed_over:
                 with trio.CancelScope(shield=True):
-                    await stream.aclose()
+                    if responded:
+                        await aclose_lingering(stream)
+                    else:
+                        await stream.aclose()
 
-    async def _read_head(self, stream: trio.SocketStream) -> bytearray | None:
-        """Read until the end of the request head; None if the client gave up."""
+    async def _read_head(
+        self, stream: trio.SocketStream
+    ) -> tuple[bytearray | None, _ListenerError | None]:
+        """Read until the end of the request head.
+
+        Returns the bytes read, or an error to send, or (None, None) when the
+        client closed the connection or the server stops before the first byte.
+        """
         buffer = bytearray()
         with trio.move_on_after(HEAD_TIMEOUT):
+            if not await self._receive_first(stream, buffer):
+                return None, None
             while find_head_end(buffer) < 0:
                 if len(buffer) > self.max_head:
-                    await _send_simple(stream, 431, "Request Header Fields Too Large")
-                    return None
-                chunk = await stream.receive_some(65536)
+                    return None, _too_large(self.max_head)
+                chunk = await stream.receive_some(_RECEIVE_SIZE)
                 if not chunk:
-                    return None
+                    return None, None
                 buffer += chunk
-            return buffer
-        await _send_simple(stream, 408, "Request Timeout")
-        return None
+            if find_head_end(buffer) > self.max_head:
+                return None, _too_large(self.max_head)
+            return buffer, None
+        return None, _ListenerError(
+            408,
+            "request_timeout",
+            f"request head not complete within {HEAD_TIMEOUT:g} seconds",
+        )
+
+    async def _receive_first(
+        self, stream: trio.SocketStream, buffer: bytearray
+    ) -> bool:
+        """Receive the first bytes of a request into `buffer`.
+
+        Returns False when the client closes first or the server stops first,
+        so that stopping never waits for a connection that sent nothing.
+        """
+        with trio.CancelScope() as waiting:
+            self._idle_reads.add(waiting)
+            if self.context.terminated.is_set():
+                waiting.cancel()
+            try:
+                chunk = await stream.receive_some(_RECEIVE_SIZE)
+            finally:
+                self._idle_reads.discard(waiting)
+            buffer += chunk
+            return bool(chunk)
+        return False
 
 
-async def _send_simple(stream: trio.SocketStream, status: int, reason: str) -> None:
-    body = (
-        f'{{"error": {{"code": "http_{status}", "message": "{reason.lower()}"}}}}'
+@dataclass(frozen=True)
+class _ListenerError:
+    """An HTTP error response that the listener sends before closing."""
+
+    status: int
+    code: str
+    message: str
+
+
+def _bad_request(message: str) -> _ListenerError:
+    return _ListenerError(400, "bad_request", message)
+
+
+def _too_large(max_head: int) -> _ListenerError:
+    message = f"request head exceeds the maximum of {max_head} bytes"
+    return _ListenerError(431, "headers_too_large", message)
+
+
+async def _send_error(stream: trio.SocketStream, error: _ListenerError) -> bool:
+    """Send `error` as a JSON error with `Connection: close`.
+
+    Returns whether the whole response was sent.
+    """
+    body = json.dumps(
+        {"error": {"code": error.code, "message": error.message}}
     ).encode()
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    ).encode()
+    headers = (("Content-Type", "application/json"),)
     try:
-        await stream.send_all(head + body)
+        with trio.move_on_after(SEND_TIMEOUT):
+            await stream.send_all(error_response(error.status, headers, body))
+            return True
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    return False

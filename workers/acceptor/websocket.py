@@ -4,11 +4,14 @@ The listener calls `handle_websocket` for `/socket/websocket`. These requests
 are rejected with an HTTP error before the upgrade:
 
 - 400 or 426: an invalid upgrade request or an unsupported `vsn`.
-- 403 with an empty body: a missing, invalid, expired or revoked access token.
+- 403 with the code `invalid_token`: a missing, invalid, expired or revoked
+  access token. The message does not say which, so a client cannot probe tokens.
 - 503: `server.max_connections` is reached over all acceptors (see
-  `admission.py`), or the server is shutting down.
-- 403, 429 or 400 with a JSON error, from the security gate
-  (`security_gate.py`): a blocked IP, the HTTP rate limit, a malicious payload.
+  `admission.py`), the server is shutting down, or the database cannot be read.
+- 403, 429 or 400 from the security gate (`security_gate.py`): a blocked IP,
+  the HTTP rate limit, a malicious payload.
+
+Each error has a JSON body `{"error": {"code", "message"}}`.
 
 The security gate also rate limits client messages (error reply
 `{"reason": "rate_limited"}`, close 1008 after sustained flooding) and closes
@@ -117,8 +120,15 @@ def _log_rejection(status: int, reason: str, client_ip: str) -> None:
         )
 
 
+# The message of every 403 for a token, whatever the reason that is logged.
+INVALID_TOKEN_MESSAGE = "missing, invalid, expired or revoked access token"
+
+
 class _Rejected(Exception):
-    """Rejection of an upgrade request with an HTTP error instead of 101."""
+    """Rejection of an upgrade request with an HTTP error instead of 101.
+
+    `reason` is logged. A 403 sends `INVALID_TOKEN_MESSAGE` instead of it.
+    """
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -198,19 +208,21 @@ async def _upgrade(
         key = check_upgrade(head)
         vsn = select_vsn(head.query)
     except HandshakeError as exc:
-        await _send_http_error(stream, exc.status, exc.message, exc.headers)
+        code = "unsupported_version" if exc.status == 426 else "invalid_upgrade"
+        await _send_http_error(stream, exc.status, code, exc.message, exc.headers)
         return None
     except ProtocolError as exc:
-        await _send_http_error(stream, 400, str(exc))
+        await _send_http_error(stream, 400, "invalid_vsn", str(exc))
         return None
 
     if not await hub.reserve_slot():
         if hub.shutting_down.is_set():
-            reason = "server is shutting down"
+            code, reason = "shutting_down", "server is shutting down"
         else:
+            code = "too_many_connections"
             reason = f"too many WebSocket connections (limit {hub.max_connections})"
         _log_rejection(503, reason, client_ip)
-        await _send_http_error(stream, 503, reason)
+        await _send_http_error(stream, 503, code, reason)
         return None
     upgraded = None
     try:
@@ -234,9 +246,11 @@ async def _accept(
         user_id, username, claims = await _authenticate(services, token)
     except _Rejected as exc:
         _log_rejection(exc.status, exc.reason, client_ip)
-        # A 403 has no body, so a client learns nothing about why its token failed.
-        message = "" if exc.status == 403 else exc.reason
-        await _send_http_error(stream, exc.status, message)
+        if exc.status == 403:
+            code, message = "invalid_token", INVALID_TOKEN_MESSAGE
+        else:
+            code, message = "unavailable", exc.reason
+        await _send_http_error(stream, exc.status, code, message)
         return None
 
     try:
@@ -298,17 +312,14 @@ async def _authenticate(
 async def _send_http_error(
     stream: trio.SocketStream,
     status: int,
+    code: str,
     message: str,
     headers: tuple[tuple[str, str], ...] = (),
 ) -> None:
-    """Send an error response: empty when `message` is empty, else a JSON error."""
+    """Send a JSON error response with `Connection: close`."""
     WS_UPGRADES_REJECTED.labels(status=str(status)).inc()
-    body = b""
-    if message:
-        body = json.dumps(
-            {"error": {"code": f"http_{status}", "message": message}}
-        ).encode()
-        headers = (*headers, ("Content-Type", "application/json"))
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = (*headers, ("Content-Type", "application/json"))
     try:
         with trio.move_on_after(CLOSE_TIMEOUT):
             await stream.send_all(error_response(status, headers, body))
