@@ -44,6 +44,22 @@ def _settings() -> Settings:
         sys.exit(EXIT_CONFIG)
 
 
+def _start_settings() -> Settings:
+    """Set the daemon's umask, load the settings and check the bind address."""
+    from supervisor.main import check_bind_address
+
+    # Files the daemon and its workers create (logs, sockets, folders) are then
+    # owner-only. The database and key files get 0600 explicitly as well.
+    os.umask(0o077)
+    settings = _settings()
+    try:
+        check_bind_address(settings)
+    except ConfigError as exc:
+        click.echo(f"deeperhub: configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    return settings
+
+
 def _read_pid(settings: Settings) -> int | None:
     from supervisor.main import pid_path
 
@@ -95,7 +111,7 @@ def main() -> None:
 def start() -> None:
     """Run the supervisor and its workers in the foreground (Ctrl-C stops)."""
     os.environ.setdefault("DEEPERHUB_LOG_STDERR", "1")
-    settings = _settings()
+    settings = _start_settings()
     from supervisor.main import run
 
     from .logs import RUNTIME_LOG, configure_logging
@@ -114,7 +130,7 @@ def start() -> None:
 )
 def daemon(wait_seconds: float) -> None:
     """Start DeeperHub in the background; logs go to <var_dir>/log/."""
-    settings = _settings()
+    settings = _start_settings()
     pid = _read_pid(settings)
     if pid is not None and _alive(pid):
         click.echo(f"DeeperHub is already running (pid {pid})", err=True)

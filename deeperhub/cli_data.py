@@ -125,7 +125,8 @@ def _parse_time(value: str) -> int:
     text = value.strip()
     if text == "now":
         return int(time.time())
-    if text.isdigit():
+    # isdigit() alone also accepts non-ASCII digits such as "١".
+    if text.isascii() and text.isdigit():
         return int(text)
     try:
         moment = datetime.fromisoformat(text)
@@ -148,7 +149,12 @@ def _parse_time(value: str) -> int:
     help="Revoke tokens issued before this time: now, Unix seconds or ISO 8601.",
 )
 @click.option(
-    "--user", "user_id", type=int, default=None, help="Only this user's tokens."
+    "--user",
+    "user_id",
+    # Up to the largest SQLite integer, the range of user ids.
+    type=click.IntRange(min=1, max=2**63 - 1),
+    default=None,
+    help="Only this user's tokens.",
 )
 def revoke_all(before: str, user_id: int | None) -> None:
     """Revoke every access and refresh token issued before a time.

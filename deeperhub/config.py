@@ -8,7 +8,9 @@ from that table, so they cannot drift apart.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import secrets
 import tomllib
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from .errors import ConfigError
 from .security.config import validate_security_settings
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 __all__ = [
     "PROJECT_ROOT",
@@ -48,9 +50,14 @@ class Setting:
     maximum: float | None = None
     choices: tuple[str, ...] | None = None
     secret: bool = False
+    # A further check of a string value, and the description of what it accepts.
+    check: Callable[[str], bool] | None = None
+    allowed: str | None = None
 
     def describe_allowed(self) -> str:
         """Return what values are allowed, for error messages and docs."""
+        if self.allowed is not None:
+            return self.allowed
         if self.kind is tuple:
             if self.choices:
                 return "a list of " + ", ".join(self.choices)
@@ -77,6 +84,28 @@ def _s(key: str, kind: type, default: Any, help: str, **extra: Any) -> Setting:
     return Setting(key=key, kind=kind, default=default, help=help, **extra)
 
 
+# One label of a host name (RFC 1123): letters, digits and inner hyphens.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _is_host(value: str) -> bool:
+    """Return whether `value` is an IP address or a syntactically valid host name.
+
+    A name whose last label is all digits is rejected, because it is a
+    mistyped IPv4 address such as 999.1.1.1 rather than a name.
+    """
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return True
+    labels = value.removesuffix(".").split(".")
+    if len(value) > 253 or labels[-1].isdigit():
+        return False
+    return all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
 SETTINGS: tuple[Setting, ...] = (
     _s(
         "server.env",
@@ -98,8 +127,12 @@ SETTINGS: tuple[Setting, ...] = (
         "server.host",
         str,
         "127.0.0.1",
-        "Address the HTTP and WebSocket port binds to.",
+        "Address the HTTP and WebSocket port binds to: 0.0.0.0 for every IPv4 "
+        "interface, :: for every IPv6 one. Start-up rejects an address that is "
+        "not on this machine or a name that does not resolve.",
         env="DEEPERHUB_HOST",
+        check=_is_host,
+        allowed="an IPv4 or IPv6 address, or a host name",
     ),
     _s(
         "server.port",
@@ -107,7 +140,7 @@ SETTINGS: tuple[Setting, ...] = (
         8080,
         "TCP port for HTTP and WebSocket.",
         env="PORT",
-        minimum=0,
+        minimum=1,
         maximum=65535,
     ),
     _s(
@@ -139,6 +172,15 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=600,
     ),
     _s(
+        "server.keep_alive_timeout",
+        float,
+        15.0,
+        "Seconds an idle HTTP keep-alive connection stays open before the server "
+        "closes it.",
+        minimum=1,
+        maximum=3600,
+    ),
+    _s(
         "server.max_request_body",
         int,
         1_048_576,
@@ -158,7 +200,8 @@ SETTINGS: tuple[Setting, ...] = (
         "database.path",
         str,
         "",
-        "SQLite database file; empty means `<var_dir>/db/deeper_hub.db`.",
+        "SQLite database file, created if missing (a directory is rejected); "
+        "empty means `<var_dir>/db/deeper_hub.db`.",
         env="DEEPER_HUB_DB_PATH",
     ),
     _s(
@@ -996,6 +1039,8 @@ def _coerce(setting: Setting, raw: Any, source: str) -> Any:
         value = raw.strip()
         if setting.key == "logging.level":
             value = {"warn": "warning"}.get(value.lower(), value.lower())
+        if setting.check is not None and not setting.check(value):
+            raise invalid()
 
     if setting.minimum is not None and value < setting.minimum:
         raise invalid()
@@ -1075,6 +1120,7 @@ def load_settings(
     values["server.var_dir"] = str(var_dir)
     db_path = values["database.path"] or str(var_dir / "db" / "deeper_hub.db")
     values["database.path"] = str(_resolve_path(db_path, Path.cwd()).resolve())
+    _check_database_path(Path(values["database.path"]))
 
     if values["auth.password_min"] > values["auth.password_max"]:
         raise ConfigError(
@@ -1096,6 +1142,28 @@ def load_settings(
     if values["server.acceptors"] == 0:
         values["server.acceptors"] = _cpu_cores()
     return Settings(values=values, config_file=config_file)
+
+
+def _check_database_path(path: Path) -> None:
+    """Raise ConfigError when `path` cannot be the database file.
+
+    The DB writer creates a missing file and its folders, so only an existing
+    directory in its place (or a file in place of a folder) is caught here.
+    """
+    where = "DEEPER_HUB_DB_PATH (database.path)"
+    if path.is_dir():
+        raise ConfigError(
+            f"invalid value {str(path)!r} for {where}: it is a directory, expected "
+            f"the path of the SQLite database file, such as {path / 'deeper_hub.db'}"
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"invalid value {str(path)!r} for {where}: {parent} is not a "
+                    "directory"
+                )
+            return
 
 
 def _cpu_cores() -> int:

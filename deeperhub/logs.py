@@ -5,6 +5,10 @@ stops, restarts, exits) and the workers write the application log
 (`<var_dir>/log/deeper_hub.log`). Both use WatchedFileHandler, which reopens
 the file when logrotate moves it. With `DEEPERHUB_LOG_STDERR=1` (set by the
 foreground `start` command) records also go to standard error.
+
+A log file that does not exist yet is created with mode 0600, because logs
+contain user ids and client IP addresses. The mode of an existing file is kept, so an
+operator may open it to a log reader group (0640).
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ def configure_logging(settings: Settings, filename: str) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    file_handler = logging.handlers.WatchedFileHandler(settings.log_dir / filename)
+    path = settings.log_dir / filename
+    # O_APPEND without O_TRUNC leaves an existing file and its mode as they are.
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    file_handler = logging.handlers.WatchedFileHandler(path)
     file_handler.setFormatter(formatter)
     root.addHandler(file_handler)
     if os.environ.get("DEEPERHUB_LOG_STDERR") == "1":

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from deeperhub import __version__
-from deeperhub.errors import SupervisionError
+from deeperhub.errors import ConfigError, SupervisionError
 from deeperhub.ipc import RemoteError, serve_unix
 
 from .childspec import Strategy
@@ -35,7 +36,14 @@ if TYPE_CHECKING:
 
     from deeperhub.config import Settings
 
-__all__ = ["WORKERS", "DaemonTree", "InstanceLocked", "leaf_workers", "run"]
+__all__ = [
+    "WORKERS",
+    "DaemonTree",
+    "InstanceLocked",
+    "check_bind_address",
+    "leaf_workers",
+    "run",
+]
 
 log = logging.getLogger("deeperhub.supervisor")
 
@@ -91,6 +99,29 @@ def instance_lock(settings: Settings) -> Iterator[None]:
         except FileNotFoundError:
             pass
         handle.close()
+
+
+def check_bind_address(settings: Settings) -> None:
+    """Raise ConfigError unless the acceptors can bind to `server.host`.
+
+    The acceptors bind late, after the other workers started, and a failed
+    bind there only shows as restarts. This probe binds a throwaway socket to
+    port 0, with the address family the acceptors use. It catches a name that
+    does not resolve and an address that is not on this machine, but not a
+    port that is in use.
+    """
+    host = str(settings["server.host"])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"invalid value {host!r} for DEEPERHUB_HOST (server.host): cannot bind "
+            f"to it ({reason}); expected an address of this machine, such as "
+            "127.0.0.1, or 0.0.0.0 for every IPv4 interface"
+        ) from exc
 
 
 def _prepare_metrics_dir(settings: Settings) -> dict[str, str]:

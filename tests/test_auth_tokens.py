@@ -123,6 +123,17 @@ def test_access_rejected_as_refresh(service: TokenService) -> None:
     assert reason_of(service, token, "refresh") == "wrong_type"
 
 
+def test_wrong_type_message_uses_article(service: TokenService) -> None:
+    refresh, _ = service.issue_refresh(1, "family")
+    access, _ = service.issue_access(1)
+    with pytest.raises(TokenError) as as_access:
+        service.verify(refresh, "access")
+    assert str(as_access.value.message).startswith("expected an access token")
+    with pytest.raises(TokenError) as as_refresh:
+        service.verify(access, "refresh")
+    assert str(as_refresh.value.message).startswith("expected a refresh token")
+
+
 def test_alg_none_rejected(service: TokenService) -> None:
     header = b64(json.dumps({"alg": "none", "typ": "JWT", "kid": key_id(KEY)}).encode())
     payload = b64(json.dumps(claims_for(service)).encode())

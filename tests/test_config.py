@@ -40,8 +40,14 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
-        ("PORT", "eighty", "integer from 0 to 65535"),
-        ("PORT", "70000", "integer from 0 to 65535"),
+        ("PORT", "eighty", "integer from 1 to 65535"),
+        ("PORT", "70000", "integer from 1 to 65535"),
+        ("PORT", "0", "integer from 1 to 65535"),
+        ("DEEPERHUB_HOST", "999.1.1.1", "an IPv4 or IPv6 address, or a host name"),
+        ("DEEPERHUB_HOST", "10.0.0", "an IPv4 or IPv6 address, or a host name"),
+        ("DEEPERHUB_HOST", "bad host", "an IPv4 or IPv6 address, or a host name"),
+        ("DEEPERHUB_HOST", "-dash.example", "an IPv4 or IPv6 address"),
+        ("DEEPERHUB_HOST", "[::1]", "an IPv4 or IPv6 address, or a host name"),
         ("DEEPER_HUB_DB_POOL_SIZE", "0", "integer from 1 to 100"),
         ("DEEPER_HUB_LOG_LEVEL", "loud", "one of debug, info"),
         ("MAX_CONNECTIONS", "-5", "integer from 1"),
@@ -57,6 +63,41 @@ def test_invalid_values_name_setting(
     assert variable in message
     assert repr(value) in message
     assert expected in message
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "0.0.0.0", "::", "::1", "localhost", "hub-1.example.org."]
+)
+def test_host_accepts_addresses_and_names(tmp_path: Path, host: str) -> None:
+    settings = load_settings(env_for(tmp_path, DEEPERHUB_HOST=host), None)
+    assert settings["server.host"] == host
+
+
+def test_empty_host_in_file_rejected(tmp_path: Path) -> None:
+    config = tmp_path / "deeperhub.toml"
+    config.write_text("[server]\nhost = ''\n")
+    with pytest.raises(ConfigError, match="server.host"):
+        load_settings(env_for(tmp_path), config)
+
+
+def test_database_path_directory_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env_for(tmp_path, DEEPER_HUB_DB_PATH=str(tmp_path)), None)
+    message = str(caught.value)
+    assert "DEEPER_HUB_DB_PATH" in message
+    assert repr(str(tmp_path)) in message
+    assert "is a directory" in message
+
+
+def test_database_path_under_file_rejected(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    wanted = blocker / "db" / "deeper_hub.db"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env_for(tmp_path, DEEPER_HUB_DB_PATH=str(wanted)), None)
+    message = str(caught.value)
+    assert "DEEPER_HUB_DB_PATH" in message
+    assert f"{blocker} is not a directory" in message
 
 
 def test_unknown_file_key_rejected(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def test_websocket_rejects_bad_token(daemon: Daemon) -> None:
         },
     )
     assert response.status_code == 403
-    assert response.content == b""
+    assert response.json()["error"]["code"] == "invalid_token"
 
 
 @pytest.mark.parametrize(
@@ -201,7 +201,7 @@ def test_invalid_setting_names_the_variable(tmp_path: Path) -> None:
     assert result.returncode == 78
     assert "PORT" in result.stderr
     assert "'eighty'" in result.stderr
-    assert "integer from 0 to 65535" in result.stderr
+    assert "integer from 1 to 65535" in result.stderr
 
 
 def test_prod_requires_strong_key(tmp_path: Path) -> None:

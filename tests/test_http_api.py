@@ -578,6 +578,18 @@ async def test_private_channel_invisible_to_non_member(env: Env) -> None:
     )
     assert history.status == 404
 
+    # Writes get the same 404 for a non-member, so no route reveals the channel.
+    writes = [
+        ("DELETE", f"/api/channels/{private_id}", None),
+        ("POST", f"/api/channels/{private_id}/messages", {"body": "hi"}),
+        ("POST", f"/api/channels/{private_id}/subscribe", None),
+        ("PUT", f"/api/channels/{private_id}/retention", {"max_messages": 5}),
+    ]
+    for method, path, body in writes:
+        reply = await env.client.call(method, path, body, token=other)
+        assert reply.status == 404, (method, path)
+        assert error_code(reply) == "not_found", (method, path)
+
 
 async def test_delete_channel_owner_only(env: Env) -> None:
     _, owner = await env.user("walt")
@@ -614,10 +626,11 @@ async def test_subscribe_public_and_private(env: Env) -> None:
     )
     assert own.status == 204
 
+    # A non-member cannot see the private channel, so it is not found.
     rejected = await env.client.call(
         "POST", f"{base}/{private_id}/subscribe", token=guest_token
     )
-    assert rejected.status == 403
+    assert rejected.status == 404
 
     added = await env.client.call(
         "POST", f"{base}/{private_id}/subscribe", {"user_id": guest["id"]}, token=owner
@@ -725,10 +738,12 @@ async def test_post_message_errors(env: Env) -> None:
     private_id = await env.channel(owner, "inner", private=True)
     public_id = await env.channel(owner, "outer")
 
+    # Like GET, a post by a non-member does not reveal that the channel exists.
     not_member = await env.client.call(
         "POST", f"/api/channels/{private_id}/messages", {"body": "hi"}, token=other
     )
-    assert not_member.status == 403
+    assert not_member.status == 404
+    assert error_code(not_member) == "not_found"
 
     path = f"/api/channels/{public_id}/messages"
     for body in ({"body": ""}, {"body": 5}, {}, {"body": "x" * (MAX_BODY_BYTES + 1)}):

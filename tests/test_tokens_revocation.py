@@ -218,6 +218,20 @@ def test_revoke_all_rejects_future_time(running: Daemon) -> None:
     assert "in the future" in result.stderr
 
 
+def test_revoke_all_rejects_bad_numbers(running: Daemon) -> None:
+    """Non-ASCII digits and a user id beyond SQLite's integers are usage errors."""
+    cases = [
+        ("--before", "\u0661\u0667"),  # ARABIC-INDIC DIGITS ONE and SEVEN
+        ("--user", str(10**40)),
+        ("--user", "0"),
+    ]
+    for option, value in cases:
+        result = running.cli("tokens", "revoke-all", option, value)
+        assert result.returncode == 2, (option, value, result.stderr)
+        assert option in result.stderr, (option, value)
+        assert "Traceback" not in result.stderr
+
+
 @pytest.mark.timeout(120)
 def test_revoke_all_cli_while_stopped(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path / "var")

@@ -317,18 +317,28 @@ async def expect_rejected(env: Env, url: str, **options: Any) -> InvalidStatus:
 # Handshake
 
 
-async def test_missing_token_is_403_with_empty_body() -> None:
+INVALID_TOKEN_BODY = {
+    "error": {
+        "code": "invalid_token",
+        "message": "missing, invalid, expired or revoked access token",
+    }
+}
+
+
+async def test_missing_token_is_403_invalid_token() -> None:
     async with open_env() as env:
         rejected = await expect_rejected(env, env.url(None))
         assert rejected.response.status_code == 403
-        assert rejected.response.body == b""
+        assert rejected.response.body is not None
+        assert json.loads(rejected.response.body) == INVALID_TOKEN_BODY
 
 
 async def test_invalid_token_is_403() -> None:
     async with open_env() as env:
         rejected = await expect_rejected(env, env.url("not-a-valid-token"))
         assert rejected.response.status_code == 403
-        assert rejected.response.body == b""
+        assert rejected.response.body is not None
+        assert json.loads(rejected.response.body) == INVALID_TOKEN_BODY
 
 
 async def test_refresh_token_is_403() -> None:
@@ -460,6 +470,27 @@ async def test_join_errors() -> None:
             both = {"last_seen_id": 1, "last_seen_seq": 1}
             _, reply = await phx.join("channel:secret", both)
             assert reply["response"] == {"reason": "invalid_last_seen"}
+
+
+async def test_join_last_seen_out_of_range() -> None:
+    """A last seen id or seq beyond SQLite's integers is an error reply, not 1011."""
+    async with open_env() as env:
+        owner_id, token = await env.user("alice")
+        await env.channel("lobby", owner_id)
+        async with open_ws(env, token) as ws:
+            phx = Phx(ws)
+            for value in (10**40, 2**63, -(2**63) - 1):
+                for kind in ("id", "seq"):
+                    payload = {f"last_seen_{kind}": value}
+                    _, reply = await phx.join("channel:lobby", payload)
+                    expected = {"reason": f"invalid_last_seen_{kind}"}
+                    assert reply["status"] == "error", payload
+                    assert reply["response"] == expected, payload
+
+            # The connection is still open, and the largest id is accepted.
+            _, reply = await phx.join("channel:lobby", {"last_seen_id": 2**63 - 1})
+            assert reply["status"] == "ok"
+            assert reply["response"]["recovered"] is True
 
 
 async def test_private_channel_member_joins() -> None:

@@ -169,8 +169,10 @@ class TokenService:
         claims: dict[str, Any] = decoded["payload"]
         self._check_claim_types(claims)
         if claims["typ"] != expected_typ:
+            article = "an" if expected_typ[:1] in "aeiou" else "a"
             raise TokenError(
-                "wrong_type", f"expected a {expected_typ} token, got {claims['typ']!r}"
+                "wrong_type",
+                f"expected {article} {expected_typ} token, got {claims['typ']!r}",
             )
         return claims
 

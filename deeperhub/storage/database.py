@@ -11,7 +11,9 @@ file a restore replaced.
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
 
 import apsw
@@ -21,7 +23,11 @@ from . import wal_guard
 
 __all__ = ["check_integrity", "open_read_connection", "open_write_connection"]
 
+log = logging.getLogger("deeperhub.db_writer")
+
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+# Companion files that SQLite keeps next to a database in WAL mode.
+_COMPANION_SUFFIXES = ("-wal", "-shm")
 
 
 def open_write_connection(
@@ -38,8 +44,10 @@ def open_write_connection(
     timeout, and checkpoints the WAL after `checkpoint_pages` pages. A `-wal`
     file that belongs to another file (see `wal_guard`) is moved aside first.
     A new file and its folder are created readable by the owner only, because
-    the database stores password hashes. Raises StorageError when the file
-    cannot be opened or fails `PRAGMA quick_check`.
+    the database stores password hashes, and an existing file, `-wal` or `-shm`
+    that the group or others may access is made owner-only (0600) with a warning.
+    Raises StorageError when the file cannot be opened or fails
+    `PRAGMA quick_check`.
     """
     path = Path(path)
     level = _SYNCHRONOUS.get(synchronous.lower())
@@ -49,6 +57,8 @@ def open_write_connection(
             f"invalid synchronous level {synchronous!r}: expected full or normal",
         )
     _create_private_file(path)
+    for file in (path, *(Path(f"{path}{suffix}") for suffix in _COMPANION_SUFFIXES)):
+        _tighten_mode(file)
     wal_guard.set_aside_foreign_wal(path)
 
     try:
@@ -133,6 +143,41 @@ def _create_private_file(path: Path) -> None:
             "storage", f"cannot create database {path}: {exc.strerror}"
         ) from exc
     os.close(fd)
+
+
+def _tighten_mode(path: Path) -> None:
+    """Make `path` owner-only (at most 0600) when the group or others may access it.
+
+    A database copied into place by hand (a manual restore) gets its mode from
+    the copier's umask, often 0644, which lets every local user read the
+    password hashes. SQLite gives new `-wal` and `-shm` files the mode of the
+    database file, so tightening the database also covers them from then on.
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StorageError(
+            "storage", f"cannot read the permissions of {path}: {exc.strerror}"
+        ) from exc
+    if not mode & 0o077:
+        return
+    private = mode & 0o600
+    try:
+        path.chmod(private)
+    except OSError as exc:
+        raise StorageError(
+            "storage",
+            f"database file {path} has mode {mode:04o}, readable by other users, "
+            f"and chmod to {private:04o} failed: {exc.strerror}",
+        ) from exc
+    log.warning(
+        "database file %s had mode %04o, open to other users; changed it to %04o",
+        path,
+        mode,
+        private,
+    )
 
 
 def check_integrity(

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import apsw
 
 __all__ = [
+    "MAX_INT64",
     "ReadPool",
     "channel_by_id",
     "channel_by_name",
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# The largest SQLite integer (signed 64-bit). apsw raises OverflowError for a
+# larger Python int, so no row has a larger id.
+MAX_INT64 = 2**63 - 1
 
 _CHANNEL_COLUMNS = "id, name, owner_id, private, inserted_at"
 _MESSAGE_SELECT = """
@@ -126,6 +131,8 @@ def user_for_login(conn: apsw.Connection, login: str) -> dict[str, Any] | None:
 
 def channel_by_id(conn: apsw.Connection, channel_id: int) -> dict[str, Any] | None:
     """Return a channel `{id, name, owner_id, private, inserted_at}`, or None."""
+    if not 0 <= channel_id <= MAX_INT64:
+        return None
     rows = _rows(
         conn, f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE id = ?", (channel_id,)
     )

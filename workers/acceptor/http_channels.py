@@ -1,10 +1,10 @@
 """Channel routes: create, list, show, delete, membership and messages.
 
 Visibility rules: a public channel is visible to every signed-in user, and a
-private one only to its members. Reads of a private channel by a non-member (show,
-message history, unsubscribe) get 404, exactly as for an unknown id, so they do
-not reveal that the channel exists. Writes that need a right the caller lacks
-(delete, subscribe, post) get 403.
+private one only to its owner and members. Every route on a private channel
+returns 404 to a non-member, exactly as for an unknown id, so no route reveals
+that the channel exists. A caller who can see the channel but lacks the right
+(delete by a non-owner, adding members by a non-owner) gets 403.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from deeperhub.metrics import MESSAGES_RECEIVED
 from deeperhub.storage import reads
 from deeperhub.validation import ValidationError, validate_body, validate_channel_name
 
-from .http_support import ApiError, parse_int, read_json_object
+from .http_support import ApiError, parse_int, read_json_object, use_row_id_converter
 
 if TYPE_CHECKING:
     from .http_support import Api, Identity
@@ -75,6 +75,7 @@ def _target_user(body: dict[str, Any], identity: Identity) -> int:
 def create_channels_blueprint(api: Api) -> Blueprint:
     """Return the blueprint of `/api/channels` and its sub-resources."""
     blueprint = Blueprint("channels", __name__)
+    use_row_id_converter(blueprint)
 
     async def load_channel(channel_id: int) -> dict[str, Any]:
         row = await api.read(reads.channel_by_id, channel_id)
@@ -129,7 +130,7 @@ def create_channels_blueprint(api: Api) -> Blueprint:
     @blueprint.delete("/api/channels/<int:channel_id>")
     async def delete_channel(channel_id: int) -> Any:
         identity = await api.authenticate()
-        channel = await load_channel(channel_id)
+        channel = await load_visible_channel(channel_id, identity.user_id)
         if channel["owner_id"] != identity.user_id:
             raise ApiError(403, "forbidden", "only the channel owner can delete it")
         await api.db("delete_channel", channel_id=channel_id, user_id=identity.user_id)
@@ -140,7 +141,7 @@ def create_channels_blueprint(api: Api) -> Blueprint:
         identity = await api.authenticate()
         body = await read_json_object(required=False)
         target = _target_user(body, identity)
-        channel = await load_channel(channel_id)
+        channel = await load_visible_channel(channel_id, identity.user_id)
 
         is_owner = channel["owner_id"] == identity.user_id
         if channel["private"] and not is_owner:
@@ -174,11 +175,7 @@ def create_channels_blueprint(api: Api) -> Blueprint:
         identity = await api.authenticate()
         body = await read_json_object()
         text = validate_body(body.get("body"), api.settings)
-        channel = await load_channel(channel_id)
-        if channel["private"] and not await is_member(channel, identity.user_id):
-            raise ApiError(
-                403, "forbidden", "only members can post to a private channel"
-            )
+        await load_visible_channel(channel_id, identity.user_id)
 
         # The DB writer publishes the committed message to WebSocket subscribers.
         result = await api.db(

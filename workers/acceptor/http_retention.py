@@ -22,7 +22,7 @@ from quart import Blueprint
 from deeperhub.ipc import RemoteError
 from deeperhub.storage import reads
 
-from .http_support import ApiError, parse_int, read_json_object
+from .http_support import ApiError, parse_int, read_json_object, use_row_id_converter
 
 if TYPE_CHECKING:
     from .http_support import Api
@@ -37,6 +37,7 @@ _MAX_LIMIT = 1_000_000_000
 def create_retention_blueprint(api: Api) -> Blueprint:
     """Return the blueprint of `/api/channels/{id}/retention`."""
     blueprint = Blueprint("retention", __name__)
+    use_row_id_converter(blueprint)
 
     def shape(own: dict[str, Any]) -> dict[str, Any]:
         defaults = {

@@ -14,13 +14,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import apsw
 import trio
 from quart import request
+from werkzeug.routing import BaseConverter
 
 from deeperhub.auth.tokens import ACCESS, TokenError
 from deeperhub.errors import DeeperHubError, ProtocolError, StorageError
 from deeperhub.storage import reads
+from deeperhub.storage.reads import MAX_INT64
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from quart import Blueprint
+    from quart.blueprints import BlueprintSetupState
 
     from deeperhub.ipc import RemoteError
 
@@ -28,13 +33,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DB_CALL_TIMEOUT",
+    "MAX_INT64",
     "Api",
     "ApiError",
     "Identity",
+    "RowIdConverter",
     "error_body",
     "parse_int",
     "read_json_object",
     "remote_error_response",
+    "use_row_id_converter",
 ]
 
 # Seconds an HTTP request waits for the DB writer to commit its write.
@@ -119,9 +127,16 @@ async def read_json_object(*, required: bool = True) -> dict[str, Any]:
         text = data.decode("utf-8")
         value = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
-        # UnicodeDecodeError and JSONDecodeError are both ValueErrors.
+        # UnicodeDecodeError and JSONDecodeError are both ValueErrors. Python
+        # raises a plain ValueError for an integer literal longer than
+        # sys.get_int_max_str_digits() (4300 digits by default), whose message
+        # names interpreter internals, so that case gets its own message.
+        if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+            reason = str(exc)
+        else:
+            reason = "a number has too many digits"
         raise ApiError(
-            400, "invalid_json", f"request body is not valid JSON: {exc}"
+            400, "invalid_json", f"request body is not valid JSON: {reason}"
         ) from None
     if not isinstance(value, dict):
         raise ApiError(422, "validation_failed", "request body must be a JSON object")
@@ -218,7 +233,40 @@ class Api:
         return Identity(user_id=int(claims["sub"]), claims=claims)
 
 
-MAX_INT64 = 2**63 - 1
+class RowIdConverter(BaseConverter):
+    """URL converter for an id: 1 to 19 ASCII digits.
+
+    Werkzeug's own `int` converter matches any Unicode digit (`/api/channels/١`
+    was channel 1) and any length. A longer segment matches no route (404).
+    A 19-digit value can still exceed MAX_INT64, and `reads.channel_by_id`
+    returns None for it, so it is a 404 as well. The converter never rejects a
+    value it matched, because werkzeug then reports 405 instead of 404 when
+    another method's rule has the same path.
+    """
+
+    regex = r"[0-9]{1,19}"
+    weight = 50
+
+    def to_python(self, value: str) -> int:
+        return int(value)
+
+    def to_url(self, value: object) -> str:
+        return str(value)
+
+
+def use_row_id_converter(blueprint: Blueprint) -> None:
+    """Make `<int:NAME>` in every route of the app a RowIdConverter.
+
+    The converter keeps the name `int`, so route templates, and the `route`
+    label of the HTTP metrics built from them, stay as they were. Call it
+    before the blueprint's first route: the app binds each rule when the
+    blueprint registers, in the order the blueprint recorded them.
+    """
+
+    def replace_converter(state: BlueprintSetupState) -> None:
+        state.app.url_map.converters["int"] = RowIdConverter
+
+    blueprint.record_once(replace_converter)
 
 
 def parse_int(

@@ -76,7 +76,11 @@ def _last_seen(payload: dict[str, Any]) -> tuple[str, int] | None:
     if len(found) > 1:
         raise JoinRejected("invalid_last_seen")
     kind, value = found[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    # Ids and seqs are SQLite integers, so a value above reads.MAX_INT64 cannot
+    # be bound to a query (OverflowError) and is as invalid as a negative one.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JoinRejected(f"invalid_last_seen_{kind}")
+    if not 0 <= value <= reads.MAX_INT64:
         raise JoinRejected(f"invalid_last_seen_{kind}")
     return kind, value
 
