@@ -181,6 +181,16 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=3600,
     ),
     _s(
+        "server.read_timeout",
+        float,
+        60.0,
+        "Seconds the server waits for the next bytes of an HTTP request body "
+        "before it closes the connection (a guard against stalled uploads). "
+        "A request whose response takes longer is closed too.",
+        minimum=1,
+        maximum=3600,
+    ),
+    _s(
         "server.max_request_body",
         int,
         1_048_576,

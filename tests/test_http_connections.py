@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 # The server closes idle keep-alive connections after this many seconds here.
 KEEP_ALIVE_TIMEOUT = 1.0
+# Seconds the server waits for more of a request body here.
+BODY_READ_TIMEOUT = 2.0
 # Seconds a test waits for a response or for the server's close. The server
 # lingers up to 1 s after its FIN for the client's, so this leaves margin.
 READ_TIMEOUT = 5.0
@@ -33,7 +35,10 @@ LOOPBACK_ONLY = {"DEEPER_HUB_SECURITY_ALLOWLIST": "127.0.0.1,::1"}
 
 @pytest.fixture(scope="module")
 def running() -> Iterator[Daemon]:
-    settings = {"server.keep_alive_timeout": KEEP_ALIVE_TIMEOUT}
+    settings = {
+        "server.keep_alive_timeout": KEEP_ALIVE_TIMEOUT,
+        "server.read_timeout": BODY_READ_TIMEOUT,
+    }
     with open_daemon(settings, env=LOOPBACK_ONLY) as daemon:
         yield daemon
 
@@ -125,6 +130,17 @@ def test_keep_alive_serves_requests_then_idles_out(running: Daemon) -> None:
         idle = wait_closed(sock)
         assert idle >= KEEP_ALIVE_TIMEOUT * 0.8
         assert idle < KEEP_ALIVE_TIMEOUT + 3.0
+
+
+def test_stalled_body_is_closed(running: Daemon) -> None:
+    with connect(running) as sock:
+        sock.sendall(
+            b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        waited = wait_closed(sock)
+        assert waited >= BODY_READ_TIMEOUT * 0.8
+        assert waited < BODY_READ_TIMEOUT + 3.0
 
 
 def test_http10_requests_free_their_sockets(running: Daemon) -> None:

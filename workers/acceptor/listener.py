@@ -73,6 +73,8 @@ def _hypercorn_config(services: Services) -> HypercornConfig:
     config.accesslog = None
     config.errorlog = logging.getLogger("deeperhub.acceptor.hypercorn")
     config.keep_alive_timeout = float(services.settings["server.keep_alive_timeout"])
+    # hypercorn applies it to every read of the connection after the head.
+    config.read_timeout = float(services.settings["server.read_timeout"])
     config.graceful_timeout = 5
     config.h11_max_incomplete_size = int(services.settings["server.max_header_bytes"])
     return config
