@@ -18,25 +18,36 @@ The payloads have the shapes that phoenix.js `Presence` expects:
 is `{"joins": {...}, "leaves": {...}}`. A joiner gets `presence_state` before
 any `presence_diff` of the topic: diffs go only to subscriptions whose
 `presence_synced` is set, which `track` sets right after queueing the state.
+
+Every join changes the topic's presence, so a cache of the whole
+`presence_state` would be stale for the next joiner in a burst of joins.
+Instead, `TopicPresence` keeps the JSON of each user id's entry and
+re-encodes only the entries that changed, and `track` joins the cached
+entries into the payload. In a burst of N joins by distinct users, each meta
+is then encoded to JSON about once instead of about N times, but the pushes
+still copy O(N^2) bytes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from collections import Counter
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from deeperhub.phoenix.protocol import encode_push
+from deeperhub.phoenix.protocol import VSN_2
 from deeperhub.ws.frames import encode_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
+    from deeperhub.phoenix.protocol import Ref
+
     from .hub import Hub, Subscription
 
-__all__ = ["Presence", "PresenceMap"]
+__all__ = ["Presence", "PresenceMap", "TopicPresence", "encode_state_push"]
 
 log = logging.getLogger("deeperhub.acceptor.presence")
 
@@ -53,6 +64,101 @@ def _group(pairs: Iterable[tuple[str, dict[str, Any]]]) -> PresenceMap:
     for key, meta in pairs:
         grouped.setdefault(key, {"metas": []})["metas"].append(meta)
     return grouped
+
+
+def _dump(value: object) -> bytes:
+    # The same JSON form as deeperhub.phoenix.protocol.encode_push.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_state_push(vsn: str, join_ref: Ref, topic: str, payload: bytes) -> bytes:
+    """Encode a `presence_state` push around a payload that is JSON already.
+
+    The result equals `encode_push(vsn, join_ref, topic, "presence_state",
+    json.loads(payload))` byte for byte. Only the envelope is encoded here.
+    """
+    if vsn == VSN_2:
+        return b"".join(
+            (
+                b"[",
+                _dump(join_ref),
+                b",null,",
+                _dump(topic),
+                b',"presence_state",',
+                payload,
+                b"]",
+            )
+        )
+    return b"".join(
+        (
+            b'{"topic":',
+            _dump(topic),
+            b',"event":"presence_state","payload":',
+            payload,
+            b',"ref":null,"join_ref":',
+            _dump(join_ref),
+            b"}",
+        )
+    )
+
+
+class TopicPresence:
+    """Every meta of one topic, local and remote, with each user id's JSON cached.
+
+    Metas are grouped by user id key in the order their keys first appeared,
+    and inside a key in the order they were added. A key's cached JSON
+    (`"key":{"metas":[...]}`) is encoded again on the next `payload` after
+    one of its metas was added, replaced or removed.
+    """
+
+    __slots__ = ("_fragments", "_metas", "_stale")
+
+    def __init__(self) -> None:
+        # user id key -> phx_ref -> meta
+        self._metas: dict[str, dict[str, dict[str, Any]]] = {}
+        # user id key -> its JSON, with the same keys in the same order as
+        # `_metas`. An entry is out of date while its key is in `_stale`.
+        self._fragments: dict[str, bytes] = {}
+        self._stale: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._metas)
+
+    def add(self, key: str, meta: dict[str, Any]) -> None:
+        """Add a meta, or replace the meta of `key` with the same `phx_ref`."""
+        metas = self._metas.get(key)
+        if metas is None:
+            metas = self._metas[key] = {}
+            # A placeholder that keeps the key's place among the fragments.
+            self._fragments[key] = b""
+        metas[meta["phx_ref"]] = meta
+        self._stale.add(key)
+
+    def remove(self, key: str, phx_ref: str) -> None:
+        """Remove the meta of `key` with `phx_ref`, if there is one."""
+        metas = self._metas.get(key)
+        if metas is None or metas.pop(phx_ref, None) is None:
+            return
+        if metas:
+            self._stale.add(key)
+            return
+        del self._metas[key]
+        del self._fragments[key]
+        self._stale.discard(key)
+
+    def state(self) -> PresenceMap:
+        """Return the metas grouped by user id, as in `presence_state`."""
+        return {
+            key: {"metas": list(metas.values())} for key, metas in self._metas.items()
+        }
+
+    def payload(self) -> bytes:
+        """Return the JSON of `state()`, encoding only the keys that changed."""
+        for key in self._stale:
+            entry = {"metas": list(self._metas[key].values())}
+            self._fragments[key] = _dump(key) + b":" + _dump(entry)
+        self._stale.clear()
+        return b"{" + b",".join(self._fragments.values()) + b"}"
 
 
 def _pairs(value: object) -> list[tuple[str, dict[str, Any]]]:
@@ -79,6 +185,9 @@ class Presence:
         self.relay: Callable[[dict[str, Any]], None] | None = None
         # topic -> phx_ref -> (user id key, meta), for other acceptors' metas.
         self._remote: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
+        # topic -> every meta of the topic, local and remote. Changed together
+        # with `Subscription.meta` and `_remote`, and never empty.
+        self._topics: dict[str, TopicPresence] = {}
         # user id key -> topic -> number of metas, local and remote, for the
         # per-user join limit.
         self._user_topics: dict[str, Counter[str]] = {}
@@ -87,13 +196,8 @@ class Presence:
 
     def state(self, topic: str) -> PresenceMap:
         """Return every meta of `topic`, local and remote, grouped by user id."""
-        pairs = [
-            (str(subscription.connection.user_id), subscription.meta)
-            for subscription in self.hub.subscriptions_of(topic)
-            if subscription.meta is not None
-        ]
-        pairs.extend(self._remote.get(topic, {}).values())
-        return _group(pairs)
+        presence = self._topics.get(topic)
+        return presence.state() if presence is not None else {}
 
     def topics_of_user(self, user_id: int) -> set[str]:
         """Return the topics where the user has a meta on any acceptor."""
@@ -119,18 +223,11 @@ class Presence:
         the order the Phoenix server uses.
         """
         connection = subscription.connection
-        # TODO: the state is encoded anew for every joiner, so N joins of one
-        # topic in a burst encode O(N^2) bytes of JSON.
-        frame = encode_text(
-            encode_push(
-                connection.vsn,
-                subscription.join_ref,
-                subscription.topic,
-                "presence_state",
-                self.state(subscription.topic),
-            )
-        )
-        connection.send(frame)
+        topic = subscription.topic
+        presence = self._topics.get(topic)
+        payload = presence.payload() if presence is not None else b"{}"
+        frame = encode_state_push(connection.vsn, subscription.join_ref, topic, payload)
+        connection.send(encode_text(frame))
         subscription.presence_synced = True
 
         meta = {
@@ -140,8 +237,9 @@ class Presence:
         }
         subscription.meta = meta
         key = str(connection.user_id)
-        self._count(key, subscription.topic, 1)
-        self._changed(subscription.topic, [(key, meta)], [])
+        self._add(topic, key, meta)
+        self._count(key, topic, 1)
+        self._changed(topic, [(key, meta)], [])
 
     def untrack(self, subscription: Subscription) -> None:
         """Remove a local meta, for example after a leave or a closed connection."""
@@ -150,6 +248,7 @@ class Presence:
             return
         subscription.meta = None
         key = str(subscription.connection.user_id)
+        self._remove(subscription.topic, key, meta["phx_ref"])
         self._count(key, subscription.topic, -1)
         self._changed(subscription.topic, [], [(key, meta)])
 
@@ -175,15 +274,21 @@ class Presence:
         metas = self._remote.setdefault(topic, {})
         leaves = []
         for key, meta in _pairs(event.get("leaves")):
-            if metas.pop(meta["phx_ref"], None) is not None:
+            known = metas.pop(meta["phx_ref"], None)
+            if known is not None:
+                self._remove(topic, known[0], meta["phx_ref"])
                 self._count(key, topic, -1)
                 leaves.append((key, meta))
         joins = []
         for key, meta in _pairs(event.get("joins")):
-            if meta["phx_ref"] not in metas:
+            known = metas.get(meta["phx_ref"])
+            if known is None:
                 self._count(key, topic, 1)
                 joins.append((key, meta))
+            elif known[0] != key:
+                self._remove(topic, known[0], meta["phx_ref"])
             metas[meta["phx_ref"]] = (key, meta)
+            self._add(topic, key, meta)
         if not metas:
             del self._remote[topic]
         if joins or leaves:
@@ -215,6 +320,20 @@ class Presence:
                     "leaves": _group(leaves),
                 }
             )
+
+    def _add(self, topic: str, key: str, meta: dict[str, Any]) -> None:
+        presence = self._topics.get(topic)
+        if presence is None:
+            presence = self._topics[topic] = TopicPresence()
+        presence.add(key, meta)
+
+    def _remove(self, topic: str, key: str, phx_ref: str) -> None:
+        presence = self._topics.get(topic)
+        if presence is None:
+            return
+        presence.remove(key, phx_ref)
+        if not presence:
+            del self._topics[topic]
 
     def _count(self, key: str, topic: str, delta: int) -> None:
         topics = self._user_topics.setdefault(key, Counter())
