@@ -530,3 +530,57 @@ def test_connection_budget_splits_total() -> None:
     assert connection_budget(10, 1, "acceptor-1") == 10
     assert connection_budget(10, 3, "acceptor") == 10
     assert connection_budget(1, 2, "acceptor-2") == 0
+
+
+async def test_channel_deleted_event_ends_joins(tmp_path: Path) -> None:
+    """A `channel_deleted` bus event closes that channel's joins, not the socket."""
+    hub = Hub(make_settings(tmp_path))
+    async with trio.open_nursery() as nursery:
+        alice = Client(connect(hub, 1, "alice")).start(nursery)
+        bob = Client(connect(hub, 2, "bob")).start(nursery)
+        for client, join_ref in ((alice, "3"), (bob, "5")):
+            subscription = hub.subscribe(client.connection, TOPIC, join_ref, 7)
+            subscription.admitted = True
+            hub.track_presence(subscription)
+            hub.go_live(subscription)
+        other = hub.subscribe(alice.connection, "channel:other", "9", 8)
+        hub.go_live(other)
+        await trio.testing.wait_all_tasks_blocked()
+        alice.messages()
+        bob.messages()
+
+        # A late event of an earlier channel with the same name changes nothing.
+        hub.handle_bus_event(
+            {"event": "channel_deleted", "channel_id": 6, "topic": TOPIC}
+        )
+        assert hub.subscriber_count(TOPIC) == 2
+
+        hub.handle_bus_event(
+            {"event": "channel_deleted", "channel_id": 7, "topic": TOPIC}
+        )
+        await trio.testing.wait_all_tasks_blocked()
+
+        assert alice.messages() == [["3", None, TOPIC, "phx_close", {}]]
+        assert bob.messages() == [["5", None, TOPIC, "phx_close", {}]]
+        assert hub.subscriber_count(TOPIC) == 0
+        assert hub.presence_state(TOPIC) == {}
+        assert hub.admission.snapshot()["joins"] == {}
+        assert list(alice.connection.subscriptions) == ["channel:other"]
+        assert alice.connection.is_open
+        assert bob.connection.is_open
+        nursery.cancel_scope.cancel()
+
+
+async def test_join_watch_sees_deletes(tmp_path: Path) -> None:
+    """A join in progress learns of deletions of its channel applied meanwhile."""
+    hub = Hub(make_settings(tmp_path))
+    hub.handle_bus_event({"event": "channel_deleted", "channel_id": 7, "topic": TOPIC})
+    with hub.deletes.watch() as watch:
+        assert not watch.deleted(TOPIC, 7)
+        hub.handle_bus_event(
+            {"event": "channel_deleted", "channel_id": 7, "topic": TOPIC}
+        )
+        assert watch.deleted(TOPIC, 7)
+        assert not watch.deleted(TOPIC, 8)
+        assert not watch.deleted("channel:other", 7)
+    assert hub.deletes.recent == {}

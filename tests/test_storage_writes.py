@@ -229,6 +229,10 @@ def test_delete_channel_by_owner_cascades(
         f"only the owner can delete channel {channel}",
     )
     assert deleted.result == {}
+    assert deleted.events == (
+        {"event": "channel_deleted", "channel_id": channel, "topic": "channel:ops"},
+    )
+    assert forbidden.events == ()
     assert missing.error == ("not_found", f"channel {channel} not found")
     assert count(conn, "channels") == 0
     assert count(conn, "channel_members") == 0

@@ -323,17 +323,26 @@ class WriteExecutor:
         return WriteOutcome(result={"channel": channel})
 
     def delete_channel(self, args: Mapping[str, Any]) -> WriteOutcome:
-        """Delete a channel with its members and messages, if `user_id` owns it."""
+        """Delete a channel with its members and messages, if `user_id` owns it.
+
+        The `channel_deleted` bus event makes every acceptor end the joins of
+        the channel's topic.
+        """
         channel_id = _int_arg(args, "channel_id")
         user_id = _int_arg(args, "user_id")
 
-        _, owner_id = self._require_channel(channel_id)
+        name, owner_id = self._require_channel(channel_id)
         if owner_id != user_id:
             raise StorageError(
                 "forbidden", f"only the owner can delete channel {channel_id}"
             )
         self._rows("DELETE FROM channels WHERE id = ?", (channel_id,))
-        return WriteOutcome(result={})
+        event = {
+            "event": "channel_deleted",
+            "channel_id": channel_id,
+            "topic": f"channel:{name}",
+        }
+        return WriteOutcome(result={}, events=(event,))
 
     def add_member(self, args: Mapping[str, Any]) -> WriteOutcome:
         """Add a user to a channel. Adding a member again changes nothing."""

@@ -33,10 +33,11 @@ from deeperhub.metrics import (
     MESSAGES_DELIVERED,
     message_origin,
 )
-from deeperhub.phoenix.protocol import encode_push
+from deeperhub.phoenix.protocol import EVENT_CLOSE, encode_push
 from deeperhub.ws.frames import CloseCode, encode_text
 
 from .admission import Admission, connection_budget
+from .channel_deletes import CHANNEL_DELETED_EVENT, ChannelDeletes
 from .connection import REPLY_WAIT_TIMEOUT, SLOW_CONSUMER_REASON, Connection
 from .presence import Presence
 
@@ -97,12 +98,14 @@ class Subscription:
     replay already contained them. Presence diffs are sent only once
     `presence_synced` is set, that is after the `presence_state` push.
     `admitted` is set for joins that hold an `Admission.admit_join`, which
-    `Hub.unsubscribe` releases.
+    `Hub.unsubscribe` releases. `channel_id` is the stored channel the join
+    read, None only in unit tests that subscribe without one.
     """
 
     connection: Connection
     topic: str
     join_ref: Ref
+    channel_id: int | None = None
     live: bool = False
     presence_synced: bool = False
     after_seq: int = 0
@@ -151,6 +154,7 @@ class Hub:
         self._all_closed = trio.Event()
         self.presence = Presence(self)
         self.admission = Admission(settings, worker_id, self.presence)
+        self.deletes = ChannelDeletes(self)
         # Over all acceptors, named in the 503 response.
         self.max_connections = self.admission.max_connections
         # Handlers of bus events other than `message`, by event name, such as
@@ -158,6 +162,7 @@ class Hub:
         self.bus_handlers: dict[str, Callable[[dict[str, Any]], object]] = {
             "presence": self.presence.apply_remote,
             "presence_snapshot": self.presence.apply_snapshot,
+            CHANNEL_DELETED_EVENT: self.deletes.apply,
         }
 
         # Connections with bytes to write, flushed together by `flush`.
@@ -309,7 +314,11 @@ class Hub:
         return len(self._topics.get(topic, ()))
 
     def subscribe(
-        self, connection: Connection, topic: str, join_ref: Ref
+        self,
+        connection: Connection,
+        topic: str,
+        join_ref: Ref,
+        channel_id: int | None = None,
     ) -> Subscription:
         """Add a join of `topic` whose chat messages wait in `pending` until `go_live`.
 
@@ -318,7 +327,7 @@ class Hub:
         if topic in connection.subscriptions:
             raise ValueError(f"connection {connection.id} already joined {topic!r}")
         subscription = Subscription(
-            connection=connection, topic=topic, join_ref=join_ref
+            connection=connection, topic=topic, join_ref=join_ref, channel_id=channel_id
         )
         connection.subscriptions[topic] = subscription
         self._topics.setdefault(topic, {})[connection] = subscription
@@ -339,6 +348,39 @@ class Hub:
             subscription.admitted = False
             self.admission.release_join(connection.user_id, topic)
         return subscription
+
+    def end_channel(self, topic: str, channel_id: int) -> int:
+        """End every join of `topic` on the deleted channel `channel_id`.
+
+        Each subscriber gets `phx_close` for its join_ref, as after a leave,
+        and keeps its connection. Returns the number of joins ended.
+        """
+        subscribers = self._topics.get(topic)
+        if not subscribers:
+            return 0
+        ended = [
+            subscription
+            for subscription in subscribers.values()
+            if subscription.channel_id == channel_id
+        ]
+
+        # Taken off the topic before any presence leave is broadcast, so the
+        # subscribers that end too get no `presence_diff` before `phx_close`.
+        for subscription in ended:
+            del subscribers[subscription.connection]
+        if not subscribers:
+            del self._topics[topic]
+
+        # Hub.unsubscribe relays the presence leaves to the other acceptors and
+        # releases the admitted joins.
+        for subscription in ended:
+            connection = subscription.connection
+            frame = encode_push(
+                connection.vsn, subscription.join_ref, topic, EVENT_CLOSE, {}
+            )
+            connection.send(encode_text(frame))
+            self.unsubscribe(connection, topic)
+        return len(ended)
 
     def go_live(self, subscription: Subscription, after_seq: int = 0) -> None:
         """Send the held chat messages with a seq above `after_seq`, then stop holding.

@@ -98,25 +98,35 @@ async def join(session: Session, message: PhoenixMessage) -> None:
         session.unsubscribe(topic)
         connection.send(session.push_frame(previous.join_ref, topic, EVENT_CLOSE, {}))
 
-    try:
-        channel, last_seen = await _check(session, message)
-    except JoinRejected as exc:
-        session.reply(message, join_ref, "error", {"reason": exc.reason})
-        return
-    if not connection.is_open:
-        session.hub.admission.release_join(connection.user_id, topic)
-        return
+    hub = session.hub
+    with hub.deletes.watch() as watch:
+        try:
+            channel, last_seen = await _check(session, message)
+        except JoinRejected as exc:
+            session.reply(message, join_ref, "error", {"reason": exc.reason})
+            return
+        channel_id = int(channel["id"])
+        if not connection.is_open:
+            hub.admission.release_join(connection.user_id, topic)
+            return
+        # A `channel_deleted` event applied during _check means that the
+        # channel it read is gone, and no later event would end this join.
+        # NOTE: a channel deleted and re-created with the same id during
+        # _check is rejected too, although the join read the new channel.
+        if watch.deleted(topic, channel_id):
+            hub.admission.release_join(connection.user_id, topic)
+            session.reply(message, join_ref, "error", {"reason": "not_found"})
+            return
 
-    # NOTE: membership of a private channel is checked at join time only. A
-    # member removed later keeps receiving the topic until it leaves.
-    subscription = session.hub.subscribe(connection, topic, join_ref)
-    # From here on Hub.unsubscribe releases the join admitted by _check.
-    subscription.admitted = True
-    session.channel_ids[topic] = int(channel["id"])
+        # NOTE: membership of a private channel is checked at join time only. A
+        # member removed later keeps receiving the topic until it leaves.
+        subscription = hub.subscribe(connection, topic, join_ref, channel_id)
+        # From here on Hub.unsubscribe releases the join admitted by _check.
+        subscription.admitted = True
     if last_seen is None:
         session.reply(message, join_ref, "ok", {"channel_id": channel["id"]})
-        session.hub.track_presence(subscription)
-        session.hub.go_live(subscription)
+        hub.track_presence(subscription)
+        hub.go_live(subscription)
         return
     await _join_with_replay(session, message, subscription, channel, last_seen)
 
@@ -209,6 +219,9 @@ async def _join_with_replay(
     # were never missed.
     covered = max(window["last_seq"], rows[-1]["seq"] if rows else 0)
     for row in rows:
+        # A deleted channel or a second join of the topic ended this join.
+        if connection.subscriptions.get(topic) is not subscription:
+            return
         payload = message_payload(row, channel["name"])
         frame = session.push_frame(join_ref, topic, "new_msg", payload)
         if not await session.send_paced(frame):

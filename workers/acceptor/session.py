@@ -90,7 +90,6 @@ class Session:
         "_push_room",
         "_receive_scope",
         "_scope",
-        "channel_ids",
         "connection",
         "heartbeat_timeout",
         "hub",
@@ -111,8 +110,6 @@ class Session:
         self.max_joins = int(settings["websocket.max_joins"])
         self.replay_limit = int(settings["websocket.replay_limit"])
         self.max_pending_pushes = int(settings["websocket.max_pending_pushes"])
-        # Stored channel id of each joined topic.
-        self.channel_ids: dict[str, int] = {}
         self._push_room: trio.Event | None = None
         # Cancel scopes of the whole session and of the current receive.
         self._scope: trio.CancelScope | None = None
@@ -424,7 +421,6 @@ class Session:
     def unsubscribe(self, topic: str) -> None:
         """Leave `topic`, which broadcasts this connection's presence leave."""
         self.hub.unsubscribe(self.connection, topic)
-        self.channel_ids.pop(topic, None)
 
     def _leave(self, message: PhoenixMessage) -> None:
         subscription = self._joined(message)
@@ -458,7 +454,7 @@ class Session:
             return
 
         args = {
-            "channel_id": self.channel_ids[message.topic],
+            "channel_id": subscription.channel_id,
             "user_id": self.connection.user_id,
             "body": body,
         }
