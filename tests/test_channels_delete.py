@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from .daemon import Daemon
+from .test_channels_replay import bearer, create_channel
 from .wsraw import Phoenix, PresenceView, acceptor_of_users, register, worker_call
 
 if TYPE_CHECKING:
@@ -35,18 +36,6 @@ def server(
         yield daemon, users
     finally:
         daemon.stop()
-
-
-def bearer(user: dict[str, Any]) -> dict[str, str]:
-    return {"authorization": f"Bearer {user['access_token']}"}
-
-
-def create_channel(daemon: Daemon, user: dict[str, Any], name: str) -> int:
-    response = httpx.post(
-        daemon.base_url + "/api/channels", json={"name": name}, headers=bearer(user)
-    )
-    assert response.status_code == 201, response.text
-    return int(response.json()["channel"]["id"])
 
 
 def delete_channel(daemon: Daemon, user: dict[str, Any], channel_id: int) -> None:
