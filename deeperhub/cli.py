@@ -345,7 +345,6 @@ def remote(ctx: click.Context) -> None:
     session = _remote_session(settings)
     pid = session.status()["supervisor"]["pid"]
     namespace = session.namespace()
-    namespace["help"] = lambda: print(HELP)
     banner = (
         f"DeeperHub {__version__} remote console, supervisor pid {pid}.\n"
         f"{HELP}Ctrl-D leaves."

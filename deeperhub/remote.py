@@ -18,7 +18,7 @@ from .ipc import RemoteError, open_rpc_client
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["HELP", "RemoteSession"]
+__all__ = ["HELP", "HelpText", "RemoteSession"]
 
 # Seconds one remote request may take.
 REQUEST_TIMEOUT = 10.0
@@ -35,6 +35,16 @@ Helpers (each returns plain data):
   unblock_ip(IP)           lift a block
   call(WORKER, OP, **ARGS) send any request to a worker
 """
+
+
+class HelpText(str):
+    """Text shown as is by the console and by `remote eval`, not quoted."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        # The console displays a result with repr(), so this prints the lines.
+        return str(self).rstrip("\n")
 
 
 class RemoteSession:
@@ -118,9 +128,14 @@ class RemoteSession:
             for row in rows
         ]
 
+    def help(self) -> HelpText:
+        """Return the list of helpers, shown in place of Python's interactive help."""
+        return HelpText(HELP)
+
     def namespace(self) -> dict[str, Any]:
         """Return the names offered in the console and to `remote eval`."""
         return {
+            "help": self.help,
             "status": self.status,
             "workers": self.workers,
             "connections": self.connections,
@@ -136,7 +151,12 @@ class RemoteSession:
 
 
 def format_result(value: Any) -> str:
-    """Return `value` as indented JSON when it is JSON data, else its repr."""
+    """Return `value` as indented JSON when it is JSON data, else its repr.
+
+    HelpText is returned as plain text.
+    """
+    if isinstance(value, HelpText):
+        return str(value).rstrip("\n")
     try:
         return json.dumps(value, indent=2, default=str)
     except (TypeError, ValueError):

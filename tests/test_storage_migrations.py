@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import apsw
 import pytest
@@ -210,3 +210,107 @@ def test_read_connection_missing_file(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="read-only"):
         open_read_connection(missing)
     assert not missing.exists()
+
+
+def _insert_v4_data(conn: apsw.Connection) -> None:
+    """Fill a version 4 database with users, channels, members and messages."""
+    conn.execute(
+        "INSERT INTO users VALUES (1, 'alice', 'a@example.com', 'h', 't'), "
+        "(2, 'bob', 'b@example.com', 'h', 't')"
+    )
+    conn.execute(
+        "INSERT INTO channels (id, name, owner_id, private, last_seq, inserted_at, "
+        "retention_max_messages, retention_max_age, pruned_seq, pruned_id) VALUES "
+        "(3, 'ops', 1, 0, 2, 't1', NULL, NULL, 0, 0), "
+        "(7, 'dev', 2, 1, 1, 't2', 100, 3600, 4, 9), "
+        "(9, 'top', 1, 0, 0, 't3', 0, NULL, 0, 0)"
+    )
+    conn.execute(
+        "INSERT INTO channel_members VALUES (3, 1, 't'), (3, 2, 't'), (7, 2, 't'), "
+        "(9, 1, 't')"
+    )
+    conn.execute(
+        "INSERT INTO messages (id, channel_id, seq, user_id, body, inserted_at) "
+        "VALUES (10, 3, 1, 1, 'a', 't'), (11, 3, 2, 2, 'b', 't'), "
+        "(12, 7, 1, 2, 'c', 't')"
+    )
+
+
+def _dump(conn: apsw.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    tables = ("users", "channels", "channel_members", "messages")
+    return {
+        table: conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+        for table in tables
+    }
+
+
+def _schema_details(conn: apsw.Connection) -> dict[str, object]:
+    """Return the columns, indexes and foreign keys that the rebuild must keep."""
+    indexes = conn.execute(
+        "SELECT name, tbl_name, sql FROM sqlite_schema WHERE type = 'index' "
+        "ORDER BY name"
+    ).fetchall()
+    return {
+        "columns": conn.execute("PRAGMA table_info(channels)").fetchall(),
+        "indexes": indexes,
+        "triggers": conn.execute(
+            "SELECT name FROM sqlite_schema WHERE type IN ('trigger', 'view')"
+        ).fetchall(),
+        **{
+            f"fk_{table}": conn.execute(f"PRAGMA foreign_key_list({table})").fetchall()
+            for table in ("channels", "channel_members", "messages")
+        },
+    }
+
+
+def test_channel_autoincrement_migration_keeps_data(conn: apsw.Connection) -> None:
+    """Migration 5 keeps rows, indexes and foreign keys, and ids continue above max."""
+    apply_migrations(conn, [m for m in MIGRATIONS if m[0] <= 4])
+    _insert_v4_data(conn)
+    rows_before = _dump(conn)
+    schema_before = _schema_details(conn)
+
+    assert apply_migrations(conn) == [5]
+
+    assert _dump(conn) == rows_before
+    assert _schema_details(conn) == schema_before
+    assert _pragma(conn, "foreign_keys") == 1
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    assert "channels_autoincrement" not in _tables(conn)
+    sql = conn.execute(
+        "SELECT sql FROM sqlite_schema WHERE name = 'channels'"
+    ).fetchall()[0][0]
+    assert "AUTOINCREMENT" in sql
+
+    # The highest id is deleted, and the next channel still gets a new one.
+    conn.execute("DELETE FROM channels WHERE id = 9")
+    conn.execute(
+        "INSERT INTO channels (name, owner_id, inserted_at) VALUES ('n', 1, 't')"
+    )
+    assert conn.execute("SELECT max(id) FROM channels").fetchall() == [(10,)]
+
+    # The child tables still cascade from the rebuilt table.
+    conn.execute("DELETE FROM channels WHERE id = 3")
+    assert conn.execute("SELECT count(*) FROM messages").fetchall() == [(1,)]
+    members = conn.execute("SELECT channel_id FROM channel_members ORDER BY 1")
+    assert members.fetchall() == [(7,)]
+
+
+def test_migration_with_dangling_reference_fails(conn: apsw.Connection) -> None:
+    """A migration that leaves a row without its parent is rolled back."""
+    apply_migrations(conn)
+    migrations = [
+        *MIGRATIONS,
+        (6, "orphan", "INSERT INTO channel_members VALUES (99, 99, 't')"),
+    ]
+
+    with pytest.raises(
+        StorageError, match=r"migration 6 \(orphan\) failed: 2 foreign key"
+    ):
+        apply_migrations(conn, migrations)
+
+    assert applied_versions(conn) == ALL_VERSIONS
+    assert conn.execute("SELECT count(*) FROM channel_members").fetchall() == [(0,)]
+    assert _pragma(conn, "foreign_keys") == 1
+    assert conn.getautocommit()

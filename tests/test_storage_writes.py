@@ -239,6 +239,36 @@ def test_delete_channel_by_owner_cascades(
     assert count(conn, "messages") == 0
 
 
+def test_channel_ids_are_not_reused(executor: WriteExecutor) -> None:
+    """A channel created after the highest-id channel was deleted gets a new id."""
+    owner = add_user(executor, "alice")
+    add_channel(executor, "first", owner)
+    newest = add_channel(executor, "second", owner)
+
+    ok(executor, "delete_channel", channel_id=newest, user_id=owner)
+    recreated = add_channel(executor, "second", owner)
+
+    assert recreated == newest + 1
+
+
+def test_message_ids_are_not_reused(executor: WriteExecutor) -> None:
+    """A message stored after the newest one was deleted gets a new id."""
+    owner = add_user(executor, "alice")
+    remaining = add_channel(executor, "remaining", owner)
+    dropped = add_channel(executor, "dropped", owner)
+    ok(executor, "insert_message", channel_id=remaining, user_id=owner, body="a")
+    newest = ok(
+        executor, "insert_message", channel_id=dropped, user_id=owner, body="b"
+    )["message"]["id"]
+
+    ok(executor, "delete_channel", channel_id=dropped, user_id=owner)
+    message = ok(
+        executor, "insert_message", channel_id=remaining, user_id=owner, body="c"
+    )
+
+    assert message["message"]["id"] == newest + 1
+
+
 def test_membership_ops_are_idempotent(
     executor: WriteExecutor, conn: apsw.Connection
 ) -> None:

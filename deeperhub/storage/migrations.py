@@ -165,11 +165,50 @@ ALTER TABLE channels ADD COLUMN pruned_id INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX messages_channel_id_inserted_at ON messages (channel_id, inserted_at);
 """
 
+# Channel ids are never reused, so a client that kept the id of a deleted
+# channel gets 404 instead of another channel's messages. SQLite cannot add
+# AUTOINCREMENT to a table, so `channels` is copied with its ids into a new
+# table, dropped, and the copy renamed. The copy's explicit ids set its
+# `sqlite_sequence` row to the current max id, and the rename carries that row
+# over. Dropping `channels` with foreign keys on would cascade into
+# `channel_members` and `messages`, so `apply_migrations` runs migrations with
+# foreign keys off and checks them before each commit. Child tables name
+# `channels` in their REFERENCES clauses, so they point at the new table.
+# NOTE: an id above the current max that was deleted before this migration ran
+# can still be given out once, because no earlier record of it exists.
+_SCHEMA_V5_CHANNEL_AUTOINCREMENT = """
+CREATE TABLE channels_autoincrement (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    owner_id INTEGER NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    private INTEGER NOT NULL DEFAULT 0 CHECK (private IN (0, 1)),
+    -- seq of the newest message in the channel; insert_message increments it.
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    inserted_at TEXT NOT NULL,
+    retention_max_messages INTEGER,
+    retention_max_age INTEGER,
+    pruned_seq INTEGER NOT NULL DEFAULT 0,
+    pruned_id INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO channels_autoincrement (
+    id, name, owner_id, private, last_seq, inserted_at,
+    retention_max_messages, retention_max_age, pruned_seq, pruned_id
+)
+SELECT
+    id, name, owner_id, private, last_seq, inserted_at,
+    retention_max_messages, retention_max_age, pruned_seq, pruned_id
+FROM channels ORDER BY id;
+DROP TABLE channels;
+ALTER TABLE channels_autoincrement RENAME TO channels;
+CREATE INDEX channels_owner_id ON channels (owner_id);
+"""
+
 MIGRATIONS: Sequence[Migration] = (
     (1, "initial schema", _SCHEMA_V1),
     (2, "security: blocks, reputation, events, alert outbox", _SCHEMA_V2_SECURITY),
     (3, "token cutoffs and revoked families", _SCHEMA_V3_TOKEN_REVOCATION),
     (4, "message retention per channel", _SCHEMA_V4_RETENTION),
+    (5, "channel ids never reused", _SCHEMA_V5_CHANNEL_AUTOINCREMENT),
 )
 
 _CREATE_LEDGER = """
@@ -194,7 +233,10 @@ def apply_migrations(
 
     Each migration runs in its own `BEGIN IMMEDIATE` transaction together with
     its row in `schema_migrations`, so a failed migration leaves the schema at
-    the previous version. Raises StorageError if the database records a version
+    the previous version. Foreign keys are off while migrations run, so that a
+    table rebuild does not cascade, and `PRAGMA foreign_key_check` must find no
+    violation before each commit. The connection's `foreign_keys` setting is
+    restored afterwards. Raises StorageError if the database records a version
     newer than any in `migrations`, or if a migration fails.
     """
     conn.execute(_CREATE_LEDGER)
@@ -208,10 +250,17 @@ def apply_migrations(
             "made by this version",
         )
 
+    # PRAGMA foreign_keys is a no-op inside a transaction, so it is switched
+    # here, around the per-migration transactions.
+    (foreign_keys,) = conn.execute("PRAGMA foreign_keys").fetchall()[0]
+    conn.execute("PRAGMA foreign_keys = OFF")
     applied: list[int] = []
-    for version, name, sql in sorted(migrations):
-        if _apply_one(conn, version, name, sql):
-            applied.append(version)
+    try:
+        for version, name, sql in sorted(migrations):
+            if _apply_one(conn, version, name, sql):
+                applied.append(version)
+    finally:
+        conn.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
     return applied
 
 
@@ -234,6 +283,7 @@ def _apply_one(conn: apsw.Connection, version: int, name: str, sql: str) -> bool
             return False
 
         conn.execute(sql)
+        _check_foreign_keys(conn, version, name)
         conn.execute(
             "INSERT INTO schema_migrations (version, name, applied_at) "
             "VALUES (?, ?, ?)",
@@ -246,6 +296,25 @@ def _apply_one(conn: apsw.Connection, version: int, name: str, sql: str) -> bool
         raise StorageError(
             "storage", f"migration {version} ({name}) failed: {exc}"
         ) from exc
+    except StorageError:
+        if not conn.getautocommit():
+            conn.execute("ROLLBACK")
+        raise
 
     log.info("applied schema migration %d (%s)", version, name)
     return True
+
+
+def _check_foreign_keys(conn: apsw.Connection, version: int, name: str) -> None:
+    """Raise StorageError if any row references a parent row that is missing."""
+    rows = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if not rows:
+        return
+    tables = sorted({f"{table} -> {parent}" for table, _, parent, _ in rows})
+    raise StorageError(
+        "storage",
+        f"migration {version} ({name}) failed: {len(rows)} foreign key "
+        f"violations ({', '.join(tables)}); list them with the sqlite3 shell's "
+        "`PRAGMA foreign_key_check`, delete those rows or restore a backup, then "
+        "start again",
+    )

@@ -7,10 +7,10 @@ channel id matches: the client gets `phx_close` for its join_ref, the
 presence meta leaves, and the join admitted by the DB writer is released.
 The connection stays open for its other topics.
 
-Channel ids can be reused: `channels.id` is an INTEGER PRIMARY KEY without
-AUTOINCREMENT, so a channel created after the channel with the highest id was
-deleted gets the same id. A deletion is therefore recognised by its place in
-the bus order:
+Channel ids are not reused (`channels.id` is AUTOINCREMENT since migration
+5), except once for an id deleted before that migration ran. A deletion is
+also recognised by its place in the bus order, which covers that case and a
+join that read the channel before the deletion committed:
 
 - The DB writer publishes a batch's events before it starts the next
   transaction. A join that read the re-created channel read it after the
