@@ -191,6 +191,15 @@ SETTINGS: tuple[Setting, ...] = (
         maximum=3600,
     ),
     _s(
+        "server.body_timeout",
+        float,
+        30.0,
+        "Seconds from the end of an HTTP request head until its whole body must "
+        "have arrived. A slower body gets 408 and the connection is closed.",
+        minimum=1,
+        maximum=3600,
+    ),
+    _s(
         "server.max_request_body",
         int,
         1_048_576,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from .security_helpers import open_daemon, wait_for
+from .security_helpers import monitor_call, open_daemon, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 KEEP_ALIVE_TIMEOUT = 1.0
 # Seconds the server waits for more of a request body here.
 BODY_READ_TIMEOUT = 2.0
+# Seconds the whole request body may take here.
+BODY_TIMEOUT = 3.0
 # Seconds a test waits for a response or for the server's close. The server
 # lingers up to 1 s after its FIN for the client's, so this leaves margin.
 READ_TIMEOUT = 5.0
@@ -38,6 +40,7 @@ def running() -> Iterator[Daemon]:
     settings = {
         "server.keep_alive_timeout": KEEP_ALIVE_TIMEOUT,
         "server.read_timeout": BODY_READ_TIMEOUT,
+        "server.body_timeout": BODY_TIMEOUT,
     }
     with open_daemon(settings, env=LOOPBACK_ONLY) as daemon:
         yield daemon
@@ -141,6 +144,31 @@ def test_stalled_body_is_closed(running: Daemon) -> None:
         waited = wait_closed(sock)
         assert waited >= BODY_READ_TIMEOUT * 0.8
         assert waited < BODY_READ_TIMEOUT + 3.0
+
+
+def test_trickled_body_gets_408(running: Daemon) -> None:
+    """A body whose every gap is under read_timeout still ends at body_timeout."""
+    with connect(running) as sock:
+        started = time.monotonic()
+        sock.sendall(
+            b"POST /api/auth/login HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        )
+        sock.settimeout(BODY_READ_TIMEOUT / 2)
+        data = b""
+        while not data and time.monotonic() - started < BODY_TIMEOUT + 3:
+            try:
+                sock.sendall(b" ")
+                data = sock.recv(65536, socket.MSG_PEEK)
+            except TimeoutError:
+                continue
+        elapsed = time.monotonic() - started
+        sock.settimeout(READ_TIMEOUT)
+        status, headers, body = read_response(sock)
+    assert status == 408
+    assert headers["connection"].lower() == "close"
+    assert error_of(body)["code"] == "request_timeout"
+    assert BODY_TIMEOUT - 0.5 < elapsed < BODY_TIMEOUT + 1.5
 
 
 def test_http10_requests_free_their_sockets(running: Daemon) -> None:
@@ -297,6 +325,43 @@ def test_bad_token_upgrade_403_json(running: Daemon) -> None:
         assert status == 403
         assert headers["connection"].lower() == "close"
         assert error_of(body)["code"] == "invalid_token"
+
+
+UPGRADE = (
+    b"GET /socket/websocket?vsn=2.0.0&token=bad HTTP/1.1\r\nHost: x\r\n"
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
+
+
+def test_upgrade_after_first_request_400() -> None:
+    """A late upgrade gets a clear 400 and is not counted as a 404."""
+    with open_daemon() as daemon:
+        for _ in range(3):
+            with connect(daemon) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_response(sock)[0] == 200
+                sock.sendall(UPGRADE)
+                status, headers, body = read_response(sock)
+                assert status == 400
+                assert headers["connection"].lower() == "close"
+                error = error_of(body)
+                assert error["code"] == "upgrade_not_first"
+                assert "first request" in error["message"]
+                wait_closed(sock)
+
+        # One real 404 afterwards costs 2 points. Had the upgrades counted as
+        # 404s too, the score would be lower.
+        assert httpx.get(daemon.base_url + "/nothing-here").status_code == 404
+
+        def score() -> float:
+            reputation = monitor_call(daemon, "reputation", ip="127.0.0.1")
+            return float(reputation["reputation"]["score"])
+
+        wait_for(lambda: score() < 100)
+        time.sleep(0.5)
+        assert score() == pytest.approx(98, abs=0.5)
 
 
 # Stopping

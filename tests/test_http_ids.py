@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from .daemon import Daemon
-from .wsraw import Phoenix, register
+from .wsraw import Phoenix, RawWebSocket, register
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -126,6 +126,43 @@ def test_json_too_many_digits_message(server: Any) -> None:
     assert "sys." not in error["message"]
     assert "int_max_str_digits" not in error["message"]
     assert "too many digits" in error["message"]
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_json_constant_message(server: Any, constant: str) -> None:
+    """NaN and the infinities are named as invalid, not as too many digits."""
+    daemon, owner, _, channel_id = server
+    response = httpx.post(
+        f"{daemon.base_url}/api/channels/{channel_id}/subscribe",
+        content='{"user_id": ' + constant + "}",
+        headers={**bearer(owner), "content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json"
+    assert error["message"] == (
+        f"request body is not valid JSON: {constant} is not valid JSON"
+    )
+
+
+def test_ws_too_many_digits_close_reason(server: Any) -> None:
+    """A 5000-digit number closes with 1008 and a plain reason."""
+    daemon, owner, _, _ = server
+    ws = RawWebSocket(daemon.port, owner["access_token"])
+    try:
+        assert ws.status == 101, ws.response_head
+        last_seen = "9" * 5000
+        ws.send_text(
+            '["1","1","channel:lobby","phx_join",{"last_seen_id":' + last_seen + "}]"
+        )
+        opcode, payload = ws.recv_frame(5.0)
+        while opcode != 0x8:
+            opcode, payload = ws.recv_frame(5.0)
+    finally:
+        ws.close()
+    assert int.from_bytes(payload[:2], "big") == 1008
+    reason = payload[2:].decode()
+    assert reason == "invalid JSON in Phoenix message: a number has too many digits"
 
 
 def test_join_huge_last_seen_error(server: Any) -> None:

@@ -102,6 +102,22 @@ def test_decode_v2_rejects(text: str, reason: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        '["1","1","t","e",{"last_seen_id":' + "9" * 5000 + "}]",
+        '["1",' + "1" * 4301 + ',"t","e",{}]',
+    ],
+)
+def test_decode_too_many_digits_plain_reason(text: str) -> None:
+    """Python's limit on integer digits is reported without its internals."""
+    with pytest.raises(ProtocolError) as raised:
+        decode_message(VSN_2, text)
+    assert str(raised.value) == (
+        "invalid JSON in Phoenix message: a number has too many digits"
+    )
+
+
+@pytest.mark.parametrize(
     ("text", "reason"),
     [
         ('["1","1","t","e",{}]', "expected a JSON object"),

@@ -240,6 +240,58 @@ def test_ws_flood_rejected_then_closed(proxied: Daemon) -> None:
     assert alert["severity"] == "warning"
 
 
+def test_ws_phoenix_topic_rate_limited(proxied: Daemon) -> None:
+    """Only heartbeats are exempt; other `phoenix` messages count and flood."""
+    user = register(proxied, "phoenix-flooder")
+    url = f"{proxied.ws_url}?token={user['access_token']}&vsn=2.0.0"
+    frames = [[None, f"h{ref}", "phoenix", "heartbeat", {}] for ref in range(10)]
+    # The limit is 5 a minute: these 5 are allowed.
+    frames += [
+        [None, "t1", "phoenix", "access_token", {"token": "not-a-token"}],
+        [None, "u1", "phoenix", "unknown_event", {}],
+        ["j1", "j1", "phoenix", "phx_join", {}],
+        [None, "t2", "phoenix", "access_token", {"token": "not-a-token"}],
+        [None, "u2", "phoenix", "unknown_event", {}],
+    ]
+    # A heartbeat between rejected messages still gets its reply, and the third
+    # rejected message (`ws_flood_close_after`) closes the connection.
+    frames += [
+        [None, "r1", "phoenix", "access_token", {"token": "not-a-token"}],
+        [None, "h10", "phoenix", "heartbeat", {}],
+        [None, "r2", "phoenix", "unknown_event", {}],
+        ["r3", "r3", "phoenix", "phx_join", {}],
+    ]
+    replies: dict[str, dict[str, Any]] = {}
+    code = None
+    with (
+        contextlib.suppress(ConnectionClosed),
+        connect(url, open_timeout=5, additional_headers=client("198.51.100.55")) as ws,
+    ):
+        for frame in frames:
+            ws.send(json.dumps(frame))
+        try:
+            while True:
+                frame = json.loads(ws.recv(timeout=5))
+                if frame[3] == "phx_reply":
+                    replies[frame[1]] = frame[4]
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else None
+
+    for ref in [f"h{index}" for index in range(11)]:
+        assert replies[ref] == {"status": "ok", "response": {}}, ref
+    for ref in ("t1", "u1", "j1", "t2", "u2"):
+        assert replies[ref]["status"] == "error", ref
+        assert replies[ref]["response"].get("reason") != "rate_limited", ref
+    for ref in ("r1", "r2", "r3"):
+        assert replies[ref] == {
+            "status": "error",
+            "response": {"reason": "rate_limited"},
+        }, ref
+    assert code == 1008
+    (alert,) = wait_for(lambda: alerts(proxied, "ws_flood", "198.51.100.55"))
+    assert alert["user_id"] == user["id"]
+
+
 def test_block_closes_open_websocket(proxied: Daemon) -> None:
     user = register(proxied, "watcher")
     url = f"{proxied.ws_url}?token={user['access_token']}&vsn=2.0.0"

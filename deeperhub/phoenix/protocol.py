@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProtocolError
+from ..json_text import JSONParseError, parse_json
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -89,19 +90,10 @@ def select_vsn(query: Mapping[str, list[str]]) -> str:
     return vsn
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _parse_json(text: str) -> Any:
     try:
-        # Python's json accepts NaN and Infinity, which are not JSON.
-        return json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ProtocolError(
-            "invalid JSON in Phoenix message: nested too deeply"
-        ) from None
-    except ValueError as exc:
+        return parse_json(text)
+    except JSONParseError as exc:
         raise ProtocolError(f"invalid JSON in Phoenix message: {exc}") from None
 
 

@@ -15,7 +15,8 @@ of a connection. This module adds what DeeperHub needs around it:
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, cast
 
 import h11
 import trio
@@ -39,11 +40,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LINGER_TIMEOUT",
+    "WEBSOCKET_PATH",
     "HttpConnection",
     "PrefixedStream",
     "RequestGuard",
     "aclose_lingering",
 ]
+
+log = logging.getLogger("deeperhub.acceptor.http")
+
+# The path of DeeperHub's WebSocket endpoint.
+WEBSOCKET_PATH = "/socket/websocket"
 
 # Seconds a closing connection keeps reading and discarding what the client
 # still sends after the server's FIN. Closing a socket while received bytes are
@@ -196,18 +203,24 @@ class RequestGuard:
 
     The listener checks the first request head of a connection itself. The
     following requests on a keep-alive connection reach the app only through
-    hypercorn, so this middleware repeats the body-framing check for them.
+    hypercorn, so this middleware repeats the body-framing check for them. It
+    also bounds the time a request body may take to arrive, and rejects a
+    WebSocket upgrade that is not the first request of its connection.
 
     NOTE: the raw head is not visible here, so a later request with bare LF
     line endings is served, because h11 0.16 accepts them.
     """
 
-    def __init__(self, app: ASGIFramework) -> None:
+    def __init__(self, app: ASGIFramework, *, body_timeout: float) -> None:
         self.app = app
+        self.body_timeout = body_timeout
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        if scope["type"] == "websocket" and scope["path"] == WEBSOCKET_PATH:
+            await _reject_late_upgrade(scope, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -218,27 +231,56 @@ class RequestGuard:
         try:
             check_body_framing(headers)
         except ProtocolError as exc:
-            await _send_bad_request(send, str(exc))
+            await _send_error(send, 400, "bad_request", str(exc))
             return
 
         body_pending = _has_body(headers)
+        body_deadline = trio.current_time() + self.body_timeout
+        timed_out = False
+        response_started = False
 
         async def receive_tracked() -> ASGIReceiveEvent:
-            nonlocal body_pending
-            message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body"):
-                body_pending = False
-            return message
+            nonlocal body_pending, timed_out
+            if not body_pending:
+                return await receive()
+            with trio.move_on_at(body_deadline):
+                message = await receive()
+                if message["type"] == "http.request" and not message.get("more_body"):
+                    body_pending = False
+                return message
+            # A response already on its way ends the request by itself, and
+            # quart-trio then cancels this call. Otherwise the app is
+            # cancelled here and the 408 is sent after it.
+            if not response_started:
+                timed_out = True
+                app_scope.cancel()
+            await trio.sleep_forever()
 
         async def send_closing(message: ASGISendEvent) -> None:
+            nonlocal response_started
             # The server will not read the rest of the body, so the client
             # must not send another request on this connection.
-            if message["type"] == "http.response.start" and body_pending:
-                headers = [*message.get("headers", ()), (b"connection", b"close")]
-                message = {**message, "headers": headers}
+            if message["type"] == "http.response.start":
+                response_started = True
+                if body_pending:
+                    headers = [*message.get("headers", ()), (b"connection", b"close")]
+                    message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive_tracked, send_closing)
+        with trio.CancelScope() as app_scope:
+            await self.app(scope, receive_tracked, send_closing)
+        if timed_out and not response_started:
+            log.info(
+                "request body from %s not complete within %g s",
+                _client_ip(scope),
+                self.body_timeout,
+            )
+            await _send_error(
+                send,
+                408,
+                "request_timeout",
+                f"request body not received within {self.body_timeout:g} s",
+            )
 
 
 def _has_body(headers: list[tuple[str, str]]) -> bool:
@@ -250,12 +292,51 @@ def _has_body(headers: list[tuple[str, str]]) -> bool:
     return False
 
 
-async def _send_bad_request(send: ASGISendCallable, message: str) -> None:
-    body = json.dumps({"error": {"code": "bad_request", "message": message}}).encode()
+async def _reject_late_upgrade(scope: Scope, send: ASGISendCallable) -> None:
+    """Reject an upgrade to the WebSocket path that follows another request.
+
+    The listener hands the first request for this path to the WebSocket path
+    itself, so hypercorn passes only later ones to the app, as a `websocket`
+    scope. Quart would respond with 404, which the 404-scan detector counts.
+    """
+    log.info(
+        "rejected a WebSocket upgrade that was not the first request "
+        "on its connection from %s",
+        _client_ip(scope),
+    )
+    await _send_error(
+        send,
+        400,
+        "upgrade_not_first",
+        "a WebSocket upgrade must be the first request on its connection",
+        prefix="websocket.http",
+    )
+
+
+def _client_ip(scope: Scope) -> str:
+    client = cast("tuple[str, int] | None", scope.get("client"))
+    return client[0] if client else "unknown"
+
+
+async def _send_error(
+    send: ASGISendCallable,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    prefix: str = "http",
+) -> None:
+    """Send a JSON error response with `Connection: close`.
+
+    `prefix` is `websocket.http` for the ASGI WebSocket denial response.
+    """
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
     ]
-    await send({"type": "http.response.start", "status": 400, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    start = {"type": f"{prefix}.response.start", "status": status, "headers": headers}
+    await send(cast("ASGISendEvent", start))
+    end = {"type": f"{prefix}.response.body", "body": body, "more_body": False}
+    await send(cast("ASGISendEvent", end))

@@ -6,7 +6,6 @@ one input field is at fault. The codes are stable, but messages may change.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,6 +17,7 @@ from werkzeug.routing import BaseConverter
 
 from deeperhub.auth.tokens import ACCESS, TokenError
 from deeperhub.errors import DeeperHubError, ProtocolError, StorageError
+from deeperhub.json_text import JSONParseError, parse_json
 from deeperhub.storage import reads
 from deeperhub.storage.reads import MAX_INT64
 
@@ -108,10 +108,6 @@ def remote_error_response(exc: RemoteError) -> ApiError:
     return ApiError(status, code, exc.message)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def read_json_object(*, required: bool = True) -> dict[str, Any]:
     """Parse the request body as a JSON object.
 
@@ -124,19 +120,10 @@ async def read_json_object(*, required: bool = True) -> dict[str, Any]:
             raise ApiError(400, "invalid_json", "request body is empty, expected JSON")
         return {}
     try:
-        text = data.decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        # UnicodeDecodeError and JSONDecodeError are both ValueErrors. Python
-        # raises a plain ValueError for an integer literal longer than
-        # sys.get_int_max_str_digits() (4300 digits by default), whose message
-        # names interpreter internals, so that case gets its own message.
-        if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
-            reason = str(exc)
-        else:
-            reason = "a number has too many digits"
+        value = parse_json(data.decode("utf-8"))
+    except (JSONParseError, UnicodeDecodeError) as exc:
         raise ApiError(
-            400, "invalid_json", f"request body is not valid JSON: {reason}"
+            400, "invalid_json", f"request body is not valid JSON: {exc}"
         ) from None
     if not isinstance(value, dict):
         raise ApiError(422, "validation_failed", "request body must be a JSON object")

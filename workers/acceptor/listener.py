@@ -30,6 +30,7 @@ from deeperhub.http_head import find_head_end, parse_request_head
 from deeperhub.ws.handshake import error_response
 
 from .http_connection import (
+    WEBSOCKET_PATH,
     HttpConnection,
     PrefixedStream,
     RequestGuard,
@@ -46,7 +47,6 @@ __all__ = ["HEAD_TIMEOUT", "Listener", "WEBSOCKET_PATH", "open_listen_socket"]
 
 log = logging.getLogger("deeperhub.acceptor")
 
-WEBSOCKET_PATH = "/socket/websocket"
 # Seconds a client gets to send a complete request head (slow-loris guard).
 HEAD_TIMEOUT = 10.0
 # Seconds the listener waits to send one of its own error responses.
@@ -86,7 +86,10 @@ class Listener:
     def __init__(self, services: Services, app: QuartTrio) -> None:
         self.services = services
         self.config = _hypercorn_config(services)
-        self.app = wrap_app(RequestGuard(app), self.config.wsgi_max_body_size, "asgi")
+        guard = RequestGuard(
+            app, body_timeout=float(services.settings["server.body_timeout"])
+        )
+        self.app = wrap_app(guard, self.config.wsgi_max_body_size, "asgi")
         self.context = HypercornContext(None)
         self.lifespan_state: dict[str, Any] = {}
         self.max_head = int(services.settings["server.max_header_bytes"])

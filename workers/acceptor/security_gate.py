@@ -294,7 +294,7 @@ class SecurityGate:
     def check_message(
         self, connection: Connection, message: PhoenixMessage
     ) -> MessageVerdict | None:
-        """Rate limit and inspect one client message (heartbeats excluded)."""
+        """Rate limit and inspect one client message; the caller skips heartbeats."""
         ip = self._connection_ips.get(connection, "")
         user_id = connection.user_id
         if ip not in self.allowlist:

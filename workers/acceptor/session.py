@@ -344,8 +344,14 @@ class Session:
             self.close_for_violation(CloseCode.POLICY_VIOLATION, str(exc))
             return
 
+        # Only heartbeats are exempt from the rate limit, so a client that hit
+        # it still keeps its connection alive. A heartbeat costs no more than a
+        # pong. Every other message, also on the `phoenix` topic, counts.
+        is_heartbeat = (
+            message.topic == HEARTBEAT_TOPIC and message.event == EVENT_HEARTBEAT
+        )
         security = self.services.security
-        if security is not None and message.topic != HEARTBEAT_TOPIC:
+        if security is not None and not is_heartbeat:
             verdict = security.check_message(self.connection, message)
             if verdict is not None:
                 reply = {"reason": verdict.reason}
@@ -354,10 +360,10 @@ class Session:
                     self.connection.close(CloseCode.POLICY_VIOLATION, verdict.reason)
                 return
 
-        if message.topic == HEARTBEAT_TOPIC:
-            if message.event == EVENT_HEARTBEAT:
-                self.reply(message, None, "ok", {})
-            elif message.event == ACCESS_TOKEN_EVENT:
+        if is_heartbeat:
+            self.reply(message, None, "ok", {})
+        elif message.topic == HEARTBEAT_TOPIC:
+            if message.event == ACCESS_TOKEN_EVENT:
                 status, response = await renew_access_token(
                     self.services, self.connection, message.payload
                 )
