@@ -8,6 +8,7 @@ docs/architecture.md (a channel's `private` is a bool).
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,6 +29,7 @@ __all__ = [
     "ReadPool",
     "channel_by_id",
     "channel_by_name",
+    "channel_names",
     "channel_retention",
     "earliest_message_id",
     "is_member",
@@ -145,6 +147,20 @@ def channel_by_name(conn: apsw.Connection, name: str) -> dict[str, Any] | None:
         conn, f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE name = ?", (name,)
     )
     return _channel(rows[0]) if rows else None
+
+
+def channel_names(conn: apsw.Connection, channel_ids: list[int]) -> dict[int, str]:
+    """Return `{id: name}` of the channels among `channel_ids` that exist.
+
+    The ids go in as one JSON array, so one query reads any number of them
+    without reaching SQLite's limit on bound parameters.
+    """
+    rows = _rows(
+        conn,
+        "SELECT id, name FROM channels WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(channel_ids),),
+    )
+    return {channel_id: name for channel_id, name in rows}
 
 
 def list_channels_for(conn: apsw.Connection, user_id: int) -> list[dict[str, Any]]:

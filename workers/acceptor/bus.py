@@ -12,7 +12,9 @@ them to the other acceptors, and the admission requests and releases of
 `admission.py`. After each (re)subscription it first sends `presence_sync`
 with every local meta and `admission_sync` with every slot and join held, so
 a restarted DB writer learns the full state again. Changes made while the bus
-is down are not queued, because these syncs cover them.
+is down are not queued, because these syncs cover them. After each
+resubscription it also starts `ChannelDeletes.check_joins`, which ends the
+joins of channels deleted while it was not subscribed.
 
 A request without a reply within REQUEST_TIMEOUT seconds ends the bus
 connection, so that the next subscription's `admission_sync` replaces counts
@@ -34,6 +36,7 @@ from deeperhub.ipc import MAX_MESSAGE_BYTES, encode_message
 
 if TYPE_CHECKING:
     from deeperhub.config import Settings
+    from deeperhub.storage.reads import ReadPool
 
     from .hub import Hub
 
@@ -66,9 +69,13 @@ class _Request:
 class BusClient:
     """Subscription to the DB writer's bus, kept across DB writer restarts."""
 
-    def __init__(self, settings: Settings, hub: Hub) -> None:
+    def __init__(
+        self, settings: Settings, hub: Hub, reads: ReadPool | None = None
+    ) -> None:
         self.path = settings.socket_path("db")
         self.hub = hub
+        # Read pool of `ChannelDeletes.check_joins`, or None to skip the check.
+        self.reads = reads
         self._subscribed = False
         # Number of subscriptions so far; an `admission_sync` went with each.
         self.session = 0
@@ -77,6 +84,7 @@ class BusClient:
         self._request_ids = itertools.count(_SUBSCRIBE_ID + 1)
         self._requests: dict[int, _Request] = {}
         self._session_scope: trio.CancelScope | None = None
+        self._session_nursery: trio.Nursery | None = None
         hub.presence.relay = self.relay
         hub.admission.bus = self
 
@@ -141,6 +149,7 @@ class BusClient:
             try:
                 async with stream, trio.open_nursery() as nursery:
                     self._session_scope = nursery.cancel_scope
+                    self._session_nursery = nursery
                     request = {
                         "id": _SUBSCRIBE_ID,
                         "op": "bus_subscribe",
@@ -167,6 +176,7 @@ class BusClient:
             finally:
                 self._subscribed = False
                 self._session_scope = None
+                self._session_nursery = None
                 self._outbox.clear()
                 self._fail_requests()
             log.warning("message bus connection closed; resubscribing")
@@ -212,6 +222,16 @@ class BusClient:
         self._outbox = [encode_message(presence), encode_message(admission)]
         self._outbox_ready.set()
         log.info("subscribed to the message bus")
+
+        # Deletions committed while unsubscribed sent no event. The check runs
+        # in the session's nursery, and the next subscription repeats it if
+        # this one ends first.
+        if (
+            self.session > 1
+            and self.reads is not None
+            and self._session_nursery is not None
+        ):
+            self._session_nursery.start_soon(self.hub.deletes.check_joins, self.reads)
         return True
 
     def _resolve(self, reply: dict[str, Any]) -> None:

@@ -349,6 +349,15 @@ class Hub:
             self.admission.release_join(connection.user_id, topic)
         return subscription
 
+    def joined_channels(self) -> set[tuple[str, int]]:
+        """Return (topic, channel id) of every join that read a stored channel."""
+        return {
+            (topic, subscription.channel_id)
+            for topic, subscribers in self._topics.items()
+            for subscription in subscribers.values()
+            if subscription.channel_id is not None
+        }
+
     def end_channel(self, topic: str, channel_id: int) -> int:
         """End every join of `topic` on the deleted channel `channel_id`.
 

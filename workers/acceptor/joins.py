@@ -40,6 +40,7 @@ from deeperhub.phoenix.protocol import EVENT_CLOSE
 from deeperhub.storage import reads
 from deeperhub.validation import ValidationError, validate_channel_name
 
+from .channel_deletes import CHANNEL_TOPIC_PREFIX
 from .hub import message_payload
 
 if TYPE_CHECKING:
@@ -52,7 +53,6 @@ __all__ = ["CHANNEL_TOPIC_PREFIX", "JoinRejected", "join"]
 
 log = logging.getLogger("deeperhub.acceptor.ws")
 
-CHANNEL_TOPIC_PREFIX = "channel:"
 _READ_ERRORS = (apsw.Error, StorageError, trio.ClosedResourceError, LookupError)
 
 

@@ -78,7 +78,7 @@ async def serve(ctx: WorkerContext) -> None:
             await nursery.start(hub.run_flusher)
             services.pushes = PushPipeline(settings, hub, timeout=DB_CALL_TIMEOUT)
             await nursery.start(services.pushes.run)
-            await nursery.start(BusClient(settings, hub).run)
+            await nursery.start(BusClient(settings, hub, reads).run)
 
             app = create_app(services)
             host = str(settings["server.host"])
