@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ __all__ = [
     "RequestHandler",
     "RpcClient",
     "encode_message",
+    "iter_messages",
     "open_rpc_client",
     "open_unix_stream",
     "serve_unix",
@@ -60,6 +61,35 @@ def encode_message(message: dict[str, Any]) -> bytes:
     if len(body) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"IPC message of {len(body)} bytes exceeds the maximum")
     return _HEADER.pack(len(body)) + body
+
+
+def iter_messages(buffer: bytearray) -> Iterator[Any]:
+    """Yield the decoded complete messages at the start of `buffer`.
+
+    For readers that handle every message of one read before they flush.
+    When the iteration ends or stops, the bytes of the yielded messages are
+    removed from `buffer` and an incomplete message stays for the next read.
+    """
+    offset = 0
+    size = len(buffer)
+    try:
+        while size - offset >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(buffer, offset)
+            if length > MAX_MESSAGE_BYTES:
+                raise ProtocolError(
+                    f"IPC message of {length} bytes exceeds the maximum"
+                )
+            end = offset + _HEADER.size + length
+            if end > size:
+                break
+            try:
+                message = json.loads(buffer[offset + _HEADER.size : end])
+            except ValueError as exc:
+                raise ProtocolError(f"invalid JSON in IPC message: {exc}") from exc
+            offset = end
+            yield message
+    finally:
+        del buffer[:offset]
 
 
 class MessageStream:

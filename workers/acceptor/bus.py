@@ -24,7 +24,6 @@ that the DB writer may have changed after the caller stopped waiting.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from deeperhub.errors import ProtocolError
-from deeperhub.ipc import MAX_MESSAGE_BYTES, encode_message
+from deeperhub.ipc import encode_message, iter_messages
 
 if TYPE_CHECKING:
     from deeperhub.config import Settings
@@ -262,24 +261,10 @@ class BusClient:
             if not chunk:
                 return
             buffer += chunk
-            offset = 0
-            size = len(buffer)
-            while size - offset >= 4:
-                length = int.from_bytes(buffer[offset : offset + 4], "big")
-                if length > MAX_MESSAGE_BYTES:
-                    raise ProtocolError(f"bus message of {length} bytes is too large")
-                end = offset + 4 + length
-                if end > size:
-                    break
-                try:
-                    message = json.loads(buffer[offset + 4 : end])
-                except ValueError as exc:
-                    raise ProtocolError(f"invalid JSON on the bus: {exc}") from exc
-                offset = end
+            for message in iter_messages(buffer):
                 if not isinstance(message, dict):
                     raise ProtocolError("bus message is not a JSON object")
                 yield message
-            del buffer[:offset]
             self.hub.flush()
 
     async def _send_loop(self, stream: trio.SocketStream) -> None:

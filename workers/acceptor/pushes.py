@@ -18,14 +18,13 @@ may not have been stored), and the next submit reconnects.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from deeperhub.errors import ProtocolError
-from deeperhub.ipc import MAX_MESSAGE_BYTES, encode_message
+from deeperhub.ipc import encode_message, iter_messages
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -163,22 +162,8 @@ class PushPipeline:
             if not chunk:
                 return
             buffer += chunk
-            offset = 0
-            size = len(buffer)
-            while size - offset >= 4:
-                length = int.from_bytes(buffer[offset : offset + 4], "big")
-                if length > MAX_MESSAGE_BYTES:
-                    raise ProtocolError(f"reply of {length} bytes is too large")
-                end = offset + 4 + length
-                if end > size:
-                    break
-                try:
-                    reply = json.loads(buffer[offset + 4 : end])
-                except ValueError as exc:
-                    raise ProtocolError(f"invalid JSON in a reply: {exc}") from exc
-                offset = end
+            for reply in iter_messages(buffer):
                 self._complete(reply)
-            del buffer[:offset]
             self.hub.flush()
 
     def _complete(self, reply: Any) -> None:
