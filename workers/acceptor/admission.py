@@ -11,7 +11,7 @@ is sent as a one-way `release_*` event.
 The local counts are the truth that the DB writer mirrors. A slot or join is
 counted here before the request is sent, so every `admission_sync` (sent
 after each bus subscription, see `bus.py`) includes the requests still
-waiting for their reply. The DB writer forgets an acceptor's counts when its
+waiting for their reply. The DB writer drops an acceptor's counts when its
 bus connection ends and learns them again from that sync.
 
 While the DB writer cannot reply (it is restarting, or no reply came within

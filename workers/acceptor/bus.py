@@ -58,7 +58,8 @@ class _Request:
     """A request sent on the bus connection, waiting for its reply."""
 
     # Event sent if the reply admits the request after its caller was
-    # cancelled, so the DB writer stops counting a slot or join nobody uses.
+    # cancelled, so the DB writer stops counting a slot or join no connection
+    # uses.
     release: dict[str, Any] | None
     done: trio.Event
     result: dict[str, Any] | None = None

@@ -3,7 +3,7 @@
 An acceptor sends an admission request on its bus connection before it
 accepts a WebSocket upgrade or a `phx_join`, so `server.max_connections` and
 `websocket.max_joins_per_user` apply over all acceptors, not per process. The
-DB writer counts the connections and joins of each bus connection and forgets
+DB writer counts the connections and joins of each bus connection and drops
 them when that connection ends (the acceptor stopped or crashed), as it does
 for presence.
 
