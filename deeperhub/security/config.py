@@ -36,6 +36,12 @@ LOG = "log"
 WEBHOOK = "webhook"
 EMAIL = "email"
 ALERT_CHANNELS = (LOG, WEBHOOK, EMAIL)
+# Pairs of settings where the first must not exceed the second.
+_ORDERED_SETTINGS = (
+    ("ip_reputation.high_risk_threshold", "ip_reputation.medium_risk_threshold"),
+    ("anomaly_detection.block_duration", "anomaly_detection.max_block_duration"),
+    ("security_alerts.retry_base_delay", "security_alerts.retry_max_delay"),
+)
 
 
 @dataclass(frozen=True)
@@ -168,27 +174,12 @@ def validate_security_settings(values: Mapping[str, Any]) -> None:
         except ValueError as exc:
             raise ConfigError(f"invalid {key}: {exc}") from None
 
-    high = values["ip_reputation.high_risk_threshold"]
-    medium = values["ip_reputation.medium_risk_threshold"]
-    if high > medium:
-        raise ConfigError(
-            f"invalid ip_reputation.high_risk_threshold {high}: must not exceed "
-            f"ip_reputation.medium_risk_threshold {medium}"
-        )
-    base = values["anomaly_detection.block_duration"]
-    maximum = values["anomaly_detection.max_block_duration"]
-    if base > maximum:
-        raise ConfigError(
-            f"invalid anomaly_detection.block_duration {base:g}: must not exceed "
-            f"anomaly_detection.max_block_duration {maximum:g}"
-        )
-    first = values["security_alerts.retry_base_delay"]
-    cap = values["security_alerts.retry_max_delay"]
-    if first > cap:
-        raise ConfigError(
-            f"invalid security_alerts.retry_base_delay {first:g}: must not exceed "
-            f"security_alerts.retry_max_delay {cap:g}"
-        )
+    for lower, upper in _ORDERED_SETTINGS:
+        if values[lower] > values[upper]:
+            raise ConfigError(
+                f"invalid {lower} {values[lower]:g}: must not exceed "
+                f"{upper} {values[upper]:g}"
+            )
 
     channels = active_channels(values)
     if WEBHOOK in channels:
